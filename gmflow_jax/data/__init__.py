@@ -1,0 +1,28 @@
+"""Datasets (TFDS array_record builders) and the grain pipeline that turns them into global batches."""
+
+from gmflow_jax.data.builders import (
+    KNOWN_DATASETS,
+    WHITE_SQUARES,
+    checkerboard_cell,
+    checkerboard_inside,
+    checkerboard_sample,
+    digits_arrays,
+    get_builder,
+    load_source,
+)
+from gmflow_jax.data.pipeline import BatchIterator, batch_sharding, make_iterator, make_loader
+
+__all__ = [
+    "KNOWN_DATASETS",
+    "WHITE_SQUARES",
+    "BatchIterator",
+    "batch_sharding",
+    "checkerboard_cell",
+    "checkerboard_inside",
+    "checkerboard_sample",
+    "digits_arrays",
+    "get_builder",
+    "load_source",
+    "make_iterator",
+    "make_loader",
+]
