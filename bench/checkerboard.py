@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import machine, today
 from flax import nnx
 
 from gmflow_jax import solvers
@@ -142,9 +142,8 @@ def main(argv=None) -> int:
         train_seconds=train_seconds,
         final_train_loss={k: v[-1] for k, v in histories.items()},
         total_seconds=time.perf_counter() - t_start,
-        machine=f"{platform.node()} {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s)",
-        date=time.strftime("%Y-%m-%d"),
-        jax=jax.__version__,
+        machine=machine(),
+        date=today(),
     )
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.savez_compressed(

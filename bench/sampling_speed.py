@@ -11,11 +11,11 @@ Weights are random: the cost does not depend on them.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
+from common import machine, today
 from flax import nnx
 
 from gmflow_jax import solvers
@@ -56,8 +56,7 @@ def main() -> None:
 
     t_total = best_time(sampler, noise, key, repeats=args.repeats)
     t_net = best_time(network_only, noise, key, repeats=args.repeats)
-    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} {jax.default_backend()} device(s)")
-    print(f"date: {time.strftime('%Y-%m-%d')}, jax {jax.__version__}")
+    print(f"machine: {machine()}; date: {today()}")
     print("| points | NFE | sampler s | points/s | network-only s | share outside network |")
     print("|---|---|---|---|---|---|")
     print(
