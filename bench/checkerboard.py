@@ -29,8 +29,8 @@ from gmflow_jax.models.toy import ToyGMFlow
 from gmflow_jax.toy_train import train_toy
 
 PRESETS = {
-    "full": dict(steps=12000, batch=1024, hidden=256, samples=100_000, nfes=(1, 2, 4, 8, 16, 32)),
-    "demo": dict(steps=1500, batch=1024, hidden=128, samples=20_000, nfes=(1, 2, 4, 8)),
+    "full": dict(steps=10000, batch=1024, hidden=256, samples=100_000, nfes=(1, 2, 4, 8, 16, 32)),
+    "demo": dict(steps=3000, batch=1024, hidden=128, samples=20_000, nfes=(1, 2, 4, 8)),
 }
 GM_METHODS = {  # label -> (solver, order)
     "GM-SDE": ("gm-sde", 1),

@@ -193,14 +193,14 @@ def _gm_solver(denoiser, x, key, sigmas, *, sde, order, num_steps, num_substeps,
         if order == 2:
             gm2, g2 = _second_order(gm, base_gm, base_g, delta, prev, x, sigma, h, w)
             gm, g = _select(i > 0, (gm2, g2), (gm, g))
-        step_key = jax.random.fold_in(key, i)
         if sde:
+            x0_key, noise_key = jax.random.split(jax.random.fold_in(key, i))
             if spectrum_fn is not None:
-                x0 = spectral_sample(step_key, gm, spectrum_fn(g))
+                x0 = spectral_sample(x0_key, gm, spectrum_fn(g))
             else:
-                x0 = gm_sample(step_key, gm)
+                x0 = gm_sample(x0_key, gm)
             c1, c2, c3 = transition_coefs(sig[0], sig[1], x.ndim)
-            noise = jax.random.normal(jax.random.fold_in(step_key, 1), x.shape, jnp.float32)
+            noise = jax.random.normal(noise_key, x.shape, jnp.float32)
             x_new = c1 * x + c2 * x0 + jnp.sqrt(c3) * noise
         else:
             x_new = x + (sig[1] - sig[0]) * (x - gm_mean(gm)) / sig[0]
