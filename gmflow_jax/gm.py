@@ -19,7 +19,15 @@ from jax.scipy.stats import norm
 
 Array = jax.Array
 
-PRODUCT_EPS = 1e-6  # clamp of the product denominators (spec §2)
+PRODUCT_EPS = 1e-6  # clamp of the product denominators (spec §2), relative below unit scale
+
+
+def _clamp_denominator(denom: Array, scale: Array) -> Array:
+    """``max(D, 1e-6 · min(1, scale))``: the spec's absolute clamp for variances of order 1 and
+    above, relative for smaller ones, so that a ratio of two equal tiny Gaussians stays ~identity."""
+    return jnp.maximum(denom, PRODUCT_EPS * jnp.minimum(1.0, scale))
+
+
 KR_CLAMP = 1e-6  # clamp of 2F - 1 in the forward KR map (spec §3)
 
 
@@ -107,7 +115,7 @@ def gm_to_iso_gaussian(gm: GM) -> Gaussian:
 def iso_gaussian_mul_iso_gaussian(g1: Gaussian, g2: Gaussian, p1: float = 1.0, p2: float = 1.0) -> Gaussian:
     """Renormalised ``N1^p1 · N2^p2`` of two isotropic Gaussians (powers may be negative)."""
     g1, g2 = _gaussian_f32(g1), _gaussian_f32(g2)
-    denom = jnp.maximum(p1 * g2.var + p2 * g1.var, PRODUCT_EPS)
+    denom = _clamp_denominator(p1 * g2.var + p2 * g1.var, jnp.abs(p1 * g2.var) + jnp.abs(p2 * g1.var))
     var = g1.var * g2.var / denom
     mean = (p1 * g2.var * g1.mean + p2 * g1.var * g2.mean) / denom
     return Gaussian(mean, var)
@@ -119,7 +127,7 @@ def gm_mul_iso_gaussian(gm: GM, g: Gaussian, gm_power: float = 1.0, g_power: flo
     ratio = g_power / gm_power
     var = g.var[..., None]  # (*B, 1, 1)
     s2 = jnp.exp(2.0 * gm.logstds)
-    denom = jnp.maximum(var + ratio * s2, PRODUCT_EPS)
+    denom = _clamp_denominator(var + ratio * s2, var + abs(ratio) * s2)
     means = (var * gm.means + ratio * s2 * g.mean[..., None, :]) / denom
     sqdist = jnp.sum((gm.means - g.mean[..., None, :]) ** 2, axis=-1)  # (*B, K)
     logweights = jax.nn.log_softmax(gm.logweights - (ratio / (2.0 * denom[..., 0])) * sqdist, axis=-1)

@@ -40,7 +40,7 @@ EPS = 1e-6
 def time_grid(num_points: int, shift: float = 1.0) -> Array:
     """Noise levels ``σ_0 = 1 > ... > σ_{M−1} > σ_M = 0``: (M + 1,)."""
     u = 1.0 - jnp.arange(num_points, dtype=jnp.float32) / num_points
-    sigmas = shift * u / (1.0 + (shift - 1.0) * u)
+    sigmas = u / (u + (1.0 - u) / shift)  # = s u / (1 + (s − 1) u), exactly 1 at u = 1 in float32
     return jnp.concatenate([sigmas, jnp.zeros((1,), jnp.float32)])
 
 
