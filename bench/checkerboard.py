@@ -82,6 +82,9 @@ def plot_grid(samples: dict[str, dict[int, np.ndarray]], nfes, path: Path) -> No
     fig.tight_layout(pad=0.3)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    from PIL import Image
+
+    Image.open(path).convert("RGB").quantize(colors=64).save(path, optimize=True)  # ~4x smaller
 
 
 def main(argv=None) -> int:
