@@ -1,0 +1,138 @@
+"""Train-step benchmark on this machine: compile time, images/s and peak host memory.
+
+Cases: the digits config (``configs/digits_gmdit.py``) and a GM-DiT B/2 on 32×32×4 inputs
+(K = 8, SpectrumMLP, 1000 classes, float32). Each case runs in its own subprocess so that its peak
+resident memory (``resource.getrusage``) is its own. Batches are synthetic device arrays (the data
+pipeline is not measured); the step is the trainer's jitted, state-donating train step.
+
+    python bench/train_speed.py                       # both cases, markdown table
+    python bench/train_speed.py --cases digits --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "digits": "digits config (GM-DiT 8×8×1, K=8)",
+    "b2_32": "GM-DiT B/2, 32×32×4, K=8",
+}
+DEFAULT_BATCH = {"digits": 64, "b2_32": 4}
+
+
+def case_config(name: str, batch: int):
+    spec = importlib.util.spec_from_file_location("digits_cfg", ROOT / "configs" / "digits_gmdit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    if name == "b2_32":
+        c.model.arch = "B/2"
+        c.model.input_size = 32
+        c.model.in_channels = 4
+        c.model.num_classes = 1000
+        c.model.logstd_inner_dim = 1024
+        c.model.spectrum_base_size = (32, 32)
+    c.batch_size = batch
+    return c
+
+
+def run_case(name: str, batch: int, steps: int) -> dict:
+    """Measures one case in this process; returns a JSON-able dict."""
+    import jax
+    import jax.numpy as jnp
+
+    from gmflow_jax.model_builder import data_shape
+    from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
+    from gmflow_jax.train_state import init_state, setup_state
+    from gmflow_jax.train_step import make_train_step
+
+    config = case_config(name, batch)
+    mesh = make_mesh((-1, 1))
+    setup = setup_state(config, mesh)
+    state = init_state(setup, 0)
+    bsh = batch_spec_sharding(mesh)
+    key = jax.random.PRNGKey(1)
+    batch_arrays = {
+        "image": jax.device_put(jax.random.normal(key, (batch, *data_shape(config.model))), bsh),
+        "label": jax.device_put(jax.random.randint(key, (batch,), 0, config.model.num_classes), bsh),
+    }
+    step_fn = jax.jit(
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        in_shardings=(setup.shardings, bsh),
+        out_shardings=(setup.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch_arrays).compile()
+    compile_s = time.perf_counter() - t0
+    state, metrics = compiled(state, batch_arrays)  # warm-up
+    jax.block_until_ready(metrics)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = compiled(state, batch_arrays)
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - t0) / steps
+    assert bool(jnp.isfinite(metrics["loss"]))
+    return {
+        "case": name,
+        "params": setup.num_params(),
+        "batch": batch,
+        "compile_s": compile_s,
+        "step_s": step_s,
+        "images_per_s": batch / step_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default 20 digits, 2 B/2)")
+    parser.add_argument("--batch", type=int, default=None, help="global batch (default 64 digits, 4 B/2)")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+
+    if args.one:
+        batch = args.batch or DEFAULT_BATCH[args.one]
+        steps = args.steps or (20 if args.one == "digits" else 2)
+        print("RESULT " + json.dumps(run_case(args.one, batch, steps)), flush=True)
+        return
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import machine, today
+
+    rows = []
+    for name in args.cases:
+        cmd = [sys.executable, __file__, "--one", name]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        if args.batch:
+            cmd += ["--batch", str(args.batch)]
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if out.returncode or line is None:
+            raise SystemExit(f"case {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+        rows.append(json.loads(line[len("RESULT ") :]))
+
+    print(f"Train step, {today()}, {machine()}\n")
+    print("| case | params | batch | compile (s) | step (s) | images/s | peak host RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {CASES[r['case']]} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['compile_s']:.1f} | "
+            f"{r['step_s']:.3f} | {r['images_per_s']:.1f} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""clu metric writers without TensorFlow: console (absl log) + TensorBoard event files via tensorboardX.
+
+clu 0.0.12's ``clu.metric_writers`` package imports its TF summary writer at import time (and so
+do ``clu.periodic_actions`` and everything that imports it), so without TensorFlow a plain
+``import clu.metric_writers`` fails. ``import_clu()`` installs a placeholder for the TF writer
+module first (only when TensorFlow is missing), after which clu's own ``MetricWriter``,
+``LoggingWriter``, ``MultiWriter`` and ``periodic_actions`` import and work normally;
+``TensorBoardXWriter`` is the ``MetricWriter`` that writes event files through tensorboardX.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging as py_logging
+import sys
+import types
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from absl import logging
+
+_TF_WRITER_MODULE = "clu.metric_writers.summary_writer"
+_QUIET_PATHS = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+
+
+def import_clu() -> tuple[types.ModuleType, types.ModuleType]:
+    """``(clu.metric_writers, clu.periodic_actions)``, importable with or without TensorFlow."""
+    if "clu.metric_writers" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
+        stub = types.ModuleType(_TF_WRITER_MODULE)
+        stub.__doc__ = "Placeholder installed by gmflow_jax.logging_utils: TensorFlow is not installed."
+        stub.SummaryWriter = None  # replaced by TensorBoardXWriter below
+        sys.modules[_TF_WRITER_MODULE] = stub
+    from clu import metric_writers, periodic_actions
+
+    if metric_writers.SummaryWriter is None:
+        metric_writers.SummaryWriter = _tensorboardx_writer_class(metric_writers.MetricWriter)
+        sys.modules[_TF_WRITER_MODULE].SummaryWriter = metric_writers.SummaryWriter
+    return metric_writers, periodic_actions
+
+
+def _tensorboardx_writer_class(base: type) -> type:
+    """Builds ``TensorBoardXWriter(base)``; ``base`` is clu's ``MetricWriter``."""
+
+    class TensorBoardXWriter(base):
+        """clu ``MetricWriter`` writing TensorBoard event files with tensorboardX (no TensorFlow)."""
+
+        def __init__(self, logdir: str):
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=logdir)
+
+        def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Any = None) -> None:
+            for key, value in values.items():
+                arr = np.asarray(value)
+                if arr.size == 1:
+                    self._writer.add_scalar(key, float(arr), global_step=step)
+
+        def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+
+        def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+            """Images (N, H, W, C) or (H, W, C), C in {1, 3}, float in [0, 1] or uint8."""
+            for key, value in images.items():
+                arr = np.asarray(value)
+                if arr.ndim == 4:
+                    self._writer.add_images(key, arr, global_step=step, dataformats="NHWC")
+                else:
+                    self._writer.add_image(key, arr, global_step=step, dataformats="HWC")
+
+        def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+            logging.log_first_n(logging.WARNING, "TensorBoardXWriter does not write videos.", 1)
+
+        def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+            for key, value in audios.items():
+                self._writer.add_audio(key, np.asarray(value), global_step=step, sample_rate=sample_rate)
+
+        def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+            for key, value in texts.items():
+                self._writer.add_text(key, value, global_step=step)
+
+        def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets: Any = None) -> None:
+            for key, value in arrays.items():
+                bins = (num_buckets or {}).get(key)
+                self._writer.add_histogram(key, np.asarray(value), global_step=step, max_bins=bins)
+
+        def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+            self._writer.add_text("hparams", "\n".join(f"    {k} = {v}" for k, v in sorted(hparams.items())))
+
+        def flush(self) -> None:
+            self._writer.flush()
+
+        def close(self) -> None:
+            self._writer.close()
+
+    return TensorBoardXWriter
+
+
+def create_writer(logdir: str, *, primary: bool = True) -> Any:
+    """clu ``MultiWriter`` of console logging + TensorBoard event files in ``logdir`` (primary only)."""
+    metric_writers, _ = import_clu()
+    if not primary:
+        return metric_writers.MultiWriter([])
+    return metric_writers.MultiWriter([metric_writers.LoggingWriter(), metric_writers.SummaryWriter(logdir)])
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+    """Drops INFO/DEBUG absl records emitted from chatty libraries (orbax, grain, TFDS, backend probing)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno >= py_logging.WARNING:
+            return True
+        path = record.pathname.replace("\\", "/")
+        return not any(p in path for p in _QUIET_PATHS)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to the trainer's own lines and the libraries' warnings (idempotent)."""
+    absl_logger = py_logging.getLogger("absl")
+    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_LibraryInfoFilter())

@@ -1,0 +1,391 @@
+"""The sharded GMFlow trainer: library functions (``train``) and a thin absl ``__main__``.
+
+    python -m gmflow_jax.train --config configs/digits_gmdit.py --workdir runs/digits \\
+        [--config.num_steps=500] [--multihost | --coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+
+One run: validate the config (field-naming ``ValueError`` before anything compiles), build the
+``('data', 'fsdp')`` mesh, write the resolved config into the workdir, create the state sharded
+(or resume from the workdir's newest good checkpoint, or take weights from ``config.init_from``),
+then loop: next global batch → jitted, state-donating train step → the *previous* step's metrics
+read on the host (so the device never waits) → periodic scalars, progress, EMA sample grids and
+async checkpoints. A non-finite loss / gradient / parameter norm stops with ``TrainingError``
+naming the step; nothing with NaN weights is ever saved (metrics are checked before every save).
+SIGTERM / SIGINT save the current step, wait for it and return normally (exit 0).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from gmflow_jax import checkpoint as ckpt_lib
+from gmflow_jax.data import load_source
+from gmflow_jax.logging_utils import create_writer, import_clu, quiet_library_logs
+from gmflow_jax.model_builder import data_shape
+from gmflow_jax.preview import make_sampler, render, save_png
+from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
+from gmflow_jax.train_config import resolve_data_dir, validate_config
+from gmflow_jax.train_data import check_data, make_data_iterator, primary_first
+from gmflow_jax.train_state import StateSetup, TrainState, init_state, setup_state
+from gmflow_jax.train_step import make_train_step
+
+PREVIEW_SEED_OFFSET = 0x5A3  # the preview noise is the same at every step: samples are comparable
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class DistributedInitError(RuntimeError):
+    """``jax.distributed.initialize`` was asked for and failed."""
+
+
+# --- set-up helpers --------------------------------------------------------------------
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """A replicated (possibly multi-process) array on the host."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def check_devices(config: ml_collections.ConfigDict) -> None:
+    """``ValueError`` naming ``config.batch_size`` unless it splits over devices and processes."""
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if config.batch_size % n_dev or config.batch_size % n_proc:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices "
+            f"(and {n_proc} processes); expected a multiple of {math.lcm(n_dev, n_proc)}."
+        )
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config.json`` and ``config.yaml``; warns if a previous run's config differs."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        new = json.loads(text)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            logging.warning("the config differs from the previous run in this workdir in: %s", ", ".join(changed))
+    for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
+        tmp = os.path.join(workdir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(content)
+        os.replace(tmp, os.path.join(workdir, name))
+
+
+def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    """``{'optim.lr': 2e-4, ...}``: scalars as they are, anything else as its string."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            out.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+class StopRequest:
+    """SIGTERM / SIGINT → save and stop at the next step boundary; a second SIGINT interrupts at once."""
+
+    def __init__(self, check_every: int):
+        self.requested = False
+        self._check_every = check_every
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        logging.warning(
+            "received %s: saving a checkpoint at the current step, then exiting", signal.Signals(signum).name
+        )
+
+    def should_stop(self, step: int) -> bool:
+        """Whether to stop after ``step``; all processes agree (checked every ``check_every`` steps)."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self._check_every:
+            return False
+        from jax.experimental import multihost_utils
+
+        flags_ = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.any(flags_))
+
+
+def finite_check(setup: StateSetup) -> Any:
+    """``state dict -> problem or None``: params and EMA must be finite."""
+    fn = jax.jit(
+        lambda p, e: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((p, e))])),
+        out_shardings=setup.shardings.step,
+    )
+
+    def check(state: dict[str, Any]) -> str | None:
+        return None if bool(host_value(fn(state["params"], state["ema"]))) else "non-finite weights"
+
+    return check
+
+
+# --- the loop --------------------------------------------------------------------------
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (or resumes) the run in ``workdir`` up to ``config.num_steps``; returns the final state.
+
+    Returns early, after saving, when SIGTERM/SIGINT arrives (also during set-up or compilation).
+    Raises ``ValueError`` for a bad config (before anything compiles), ``CheckpointError`` if
+    checkpoints exist but none restores, ``TrainingError`` for a non-finite loss.
+    """
+    quiet_library_logs()
+    validate_config(config)
+    mesh = make_mesh(config.mesh)
+    check_devices(config)
+    data_dir = resolve_data_dir(config.data.data_dir)
+    source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
+    check_data(config, source)
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        write_config(config, workdir)
+    logging.info(
+        "mesh %s over %d devices in %d processes; dataset %s (%d examples) from %s",
+        dict(mesh.shape),
+        jax.device_count(),
+        jax.process_count(),
+        config.data.dataset,
+        len(source),
+        data_dir,
+    )
+    with StopRequest(config.checkpoint.preemption_check_every) as stop:
+        setup = setup_state(config, mesh)
+        logging.info("model: %s parameters", f"{setup.num_params():,}")
+        iterator = make_data_iterator(config, source, mesh, data_dir)
+        ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+        try:
+            state, resumed = _initial_state(config, setup, iterator, ckpt)
+            return _loop(config, workdir, mesh, setup, iterator, ckpt, state, resumed, stop)
+        finally:
+            try:
+                ckpt.close()
+            finally:
+                iterator.close()
+
+
+def _initial_state(
+    config: ml_collections.ConfigDict, setup: StateSetup, iterator: Any, ckpt: ckpt_lib.Checkpointer
+) -> tuple[TrainState, bool]:
+    """The newest good checkpoint of the workdir (and the iterator moved to it), else a fresh state."""
+    restored = ckpt.restore_latest(setup.abstract.to_dict(), iterator, finite_check(setup))
+    if restored is not None:
+        step, state_dict = restored
+        logging.info("resumed from %s at step %d", ckpt.directory, step)
+        return TrainState.from_dict(state_dict), True
+    state = init_state(setup, config.seed)
+    if config.init_from:
+        params, ema = ckpt_lib.load_weights(config.init_from, setup.abstract.params)
+        state = state.replace(params=params, ema=ema)
+        logging.info("initialised params and EMA from %s", config.init_from)
+    return state, False
+
+
+def _loop(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh,
+    setup: StateSetup,
+    iterator: Any,
+    ckpt: ckpt_lib.Checkpointer,
+    state: TrainState,
+    resumed: bool,
+    stop: StopRequest,
+) -> TrainState:
+    """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
+    primary = jax.process_index() == 0
+    step_fn = jax.jit(
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
+        out_shardings=(setup.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    writer = create_writer(os.path.join(workdir, "tensorboard"), primary=primary)
+    writer.write_hparams(flat_config(config))
+    _, periodic_actions = import_clu()
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=config.num_steps, writer=writer, every_steps=config.log.progress_every_steps, every_secs=None
+    )
+    hooks = [progress]
+    if config.log.profile_first_step > 0:
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=os.path.join(workdir, "tensorboard"),
+                num_profile_steps=config.log.profile_steps,
+                profile_duration_ms=None,
+                first_profile=config.log.profile_first_step,
+                every_steps=None,
+                every_secs=None,
+            )
+        )
+    sampler = None
+    if config.log.sample_every_steps > 0:
+        sampler = make_sampler(setup.graphdef, config, mesh, data_shape(config.model))
+    meta = {"config": json.loads(config.to_json_best_effort())}
+    start = int(host_value(state.step))
+    last_saved = start if resumed else -1
+
+    def read_metrics(pending: tuple[int, dict[str, jax.Array]]) -> None:
+        """Host read of a finished step's metrics; raises on non-finite values; logs periodically."""
+        step, metrics = pending
+        values = {
+            k: float(v) for k, v in jax.device_get({k: v.addressable_data(0) for k, v in metrics.items()}).items()
+        }
+        bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(values[k])]
+        if bad:
+            raise TrainingError(
+                f"non-finite {', '.join(bad)} at step {step} (loss={values['loss']}, grad_norm={values['grad_norm']}, "
+                f"param_norm={values['param_norm']}); training stopped. The newest checkpoint "
+                f"({'step ' + str(last_saved) if last_saved >= 0 else 'none'}) has finite weights."
+            )
+        if (step + 1) % config.log.every_steps == 0 or step + 1 == config.num_steps:
+            writer.write_scalars(step + 1, values)
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        if step != last_saved:
+            ckpt.save(step, state.to_dict(), iterator.get_state(), dict(meta, step=step))
+            last_saved = step
+
+    def preview(step: int) -> None:
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), PREVIEW_SEED_OFFSET)
+        samples = host_value(sampler(state.ema, key))
+        rows = min(config.log.sample_classes, config.model.num_classes) if samples.ndim == 4 else 1
+        image = render(samples, rows)
+        writer.write_images(step, {"ema_samples": image[None]})
+        if primary:
+            save_png(image, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
+            save_png(image, os.path.join(workdir, "samples", "latest.png"))
+
+    pending = None
+    step = start
+    t0 = time.time()
+    try:
+        if start >= config.num_steps:
+            logging.info("nothing to do: step %d >= config.num_steps=%d", start, config.num_steps)
+        stopping = stop.should_stop(step)  # a signal during set-up or compilation
+        while step < config.num_steps and not stopping:
+            batch = next(iterator)
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                read_metrics(pending)  # the previous step: the device runs this one meanwhile
+            pending = (step, metrics)
+            step += 1
+            for hook in hooks:
+                hook(step)
+            stopping = stop.should_stop(step)
+            if stopping or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
+                read_metrics(pending)  # never save weights of a step whose loss was not finite
+                pending = None
+                save(step)
+            every = config.log.sample_every_steps
+            if sampler is not None and not stopping and (step % every == 0 or step == config.num_steps):
+                with progress.timed("preview"):
+                    preview(step)
+        if pending is not None:
+            read_metrics(pending)
+        if stopping:
+            save(step)
+            logging.warning("stopped at step %d after a stop signal; checkpoint saved", step)
+        ckpt.wait()
+        logging.info("done: step %d, %.1f s in the loop", step, time.time() - t0)
+    finally:
+        writer.flush()
+    return state
+
+
+# --- command line -----------------------------------------------------------------------
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, TensorBoard events, samples.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() from the environment (TPU pods, SLURM...).")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.initialize.")
+flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.initialize.")
+flags.DEFINE_integer("process_id", None, "This process's id for jax.distributed.initialize.")
+flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize.")
+
+
+def initialize_distributed(
+    *,
+    multihost: bool,
+    coordinator_address: str | None,
+    num_processes: int | None,
+    process_id: int | None,
+    timeout: int = 300,
+) -> None:
+    """``jax.distributed.initialize`` when asked (flags or ``multihost``); a failure is an error."""
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if not (multihost or explicit):
+        return
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout,
+        )
+    except Exception as e:
+        raise DistributedInitError(
+            f"jax.distributed.initialize failed (coordinator_address={coordinator_address!r}, "
+            f"num_processes={num_processes!r}, process_id={process_id!r}): {type(e).__name__}: {e}. "
+            "Refusing to fall back to a single-host run."
+        ) from e
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None or not FLAGS.workdir:
+        raise app.UsageError("--config and --workdir are required.")
+    try:
+        initialize_distributed(
+            multihost=FLAGS.multihost,
+            coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+            timeout=FLAGS.distributed_timeout,
+        )
+        train(FLAGS.config, FLAGS.workdir)
+    except (ValueError, TrainingError, ckpt_lib.CheckpointError, DistributedInitError) as e:
+        logging.error("%s: %s", type(e).__name__, e)
+        print(f"gmflow_jax.train: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main)

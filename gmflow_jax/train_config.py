@@ -1,0 +1,281 @@
+"""The trainer's config schema (``base_config``) and its validation (``validate_config``).
+
+Every experiment file in ``configs/`` starts from ``base_config()`` and changes values. Fields:
+
+* ``seed``, ``num_steps``, ``batch_size`` (global), ``mesh = (data, fsdp)`` (one may be -1),
+  ``sharding``: logical axis name → mesh axis (``''`` replicated), ``init_from``: a checkpoint
+  (a step directory or a workdir / checkpoint root: its latest step) whose weights start the run.
+* ``data``: ``dataset`` (a name of ``gmflow_jax.data.KNOWN_DATASETS``), ``data_dir`` (``''``:
+  ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``), ``read``: ``'per_process'`` (each process
+  reads its own shard) or ``'global'`` (every process reads the whole global batch and keeps its
+  rows: the stream is then independent of the process layout) or ``'device'`` (small datasets:
+  held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.train_data``),
+  ``worker_count``, ``prefetch``.
+* ``model``: see ``gmflow_jax.model_builder``.
+* ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
+  ``t_mode`` ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``,
+  ``label_dropout``.
+* ``optim``: AdamW ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay`` (none on biases),
+  ``warmup_steps`` (linear from ``warmup_init_factor × lr``), ``clip_norm`` (0: off) applied from
+  step ``clip_start`` on.
+* ``ema``: ``max_nimg``, ``ratio`` (spec §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
+* ``checkpoint``: ``every_steps``, ``keep``, ``async_save``, ``preemption_check_every``
+  (multi-process runs agree on a stop signal every that many steps).
+* ``log``: ``every_steps`` (scalars), ``progress_every_steps``, ``sample_every_steps`` (0: off),
+  ``sample_steps`` / ``sample_order`` (GM-ODE), ``sample_classes`` × ``sample_per_class`` images
+  or ``sample_points`` 2-D points; ``profile_first_step`` (0: off) starts a ``jax.profiler`` trace
+  of ``profile_steps`` steps into ``<workdir>/tensorboard``.
+* ``debug``: ``nan_at_step`` (≥ 0 makes that step's loss NaN, to test the NaN guard).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+
+from gmflow_jax.model_builder import MODEL_KINDS
+
+# Logical axis names used by the models (gmflow_jax.models.gmdit.LOGICAL_AXES).
+LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "vocab", "patch", "freq", "out")
+LATER_DATASETS = {
+    "imagenet_latents": "the ImageNet 256² VAE-latent dataset (32×32×4, spec §9) is added by a later issue "
+    "(its TFDS builder does not exist yet); until then this config cannot run. Train on 'digits' "
+    "(configs/digits_gmdit.py) or 'checkerboard' instead.",
+}
+
+
+def replicated_rules() -> ml_collections.ConfigDict:
+    """Every logical axis replicated (small models)."""
+    return ml_collections.ConfigDict({name: "" for name in LOGICAL_AXIS_NAMES})
+
+
+def fsdp_rules() -> ml_collections.ConfigDict:
+    """FSDP: the hidden dimension of every parameter split over 'fsdp' (large models)."""
+    rules = replicated_rules()
+    rules.embed = "fsdp"
+    return rules
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by all experiments (a small replicated GM-DiT on digits)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.num_steps = 1000
+    c.batch_size = 128
+    c.mesh = (-1, 1)
+    c.sharding = replicated_rules()
+    c.init_from = ""
+
+    c.data = ml_collections.ConfigDict(
+        dict(dataset="digits", data_dir="", read="per_process", worker_count=0, prefetch=2)
+    )
+
+    c.model = ml_collections.ConfigDict(
+        dict(
+            kind="gmdit",
+            arch="",
+            input_size=8,
+            in_channels=1,
+            num_gaussians=8,
+            num_classes=10,
+            patch_size=2,
+            hidden_size=128,
+            depth=4,
+            num_heads=4,
+            mlp_ratio=4.0,
+            freq_shift=0.0,
+            logstd_inner_dim=256,
+            dtype="float32",
+            remat=False,
+            spectrum=True,
+            spectrum_base_size=(8, 8),
+        )
+    )
+    c.loss = ml_collections.ConfigDict(
+        dict(
+            objective="gm",
+            trans_ratio=0.5,
+            t_mode="logit_normal",
+            t_shift=1.0,
+            weight=2.0,
+            spectral_weight=1.0,
+            label_dropout=0.1,
+        )
+    )
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            lr=2e-4,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.05,
+            warmup_steps=1000,
+            warmup_init_factor=1e-3,
+            clip_norm=10.0,
+            clip_start=1000,
+        )
+    )
+    c.ema = ml_collections.ConfigDict(dict(max_nimg=30e6, ratio=0.05))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True, preemption_check_every=10))
+    c.log = ml_collections.ConfigDict(
+        dict(
+            every_steps=50,
+            progress_every_steps=100,
+            sample_every_steps=500,
+            sample_steps=8,
+            sample_order=2,
+            sample_classes=10,
+            sample_per_class=10,
+            sample_points=4096,
+            profile_first_step=0,
+            profile_steps=5,
+        )
+    )
+    c.debug = ml_collections.ConfigDict(dict(nan_at_step=-1))
+    return c
+
+
+def toy_model_config(num_gaussians: int = 64, learn_std: bool = True) -> ml_collections.ConfigDict:
+    """``config.model`` for the 2-D ``ToyGMFlow``."""
+    return ml_collections.ConfigDict(
+        dict(
+            kind="toy",
+            num_gaussians=num_gaussians,
+            channels=2,
+            num_classes=0,
+            hidden=256,
+            num_layers=5,
+            num_freqs=8,
+            learn_std=learn_std,
+            spectrum=False,
+        )
+    )
+
+
+def resolve_data_dir(data_dir: str) -> str:
+    """``''`` → ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``; user and env vars expanded."""
+    if not data_dir:
+        data_dir = os.environ.get("GMFLOW_DATA_DIR") or "~/tensorflow_datasets"
+    return os.path.abspath(os.path.expanduser(os.path.expandvars(data_dir)))
+
+
+def _need(cond: bool, field: str, expected: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"config.{field} must be {expected}; got {value!r}.")
+
+
+def _int(c: Any, field: str, lo: int | None = None) -> None:
+    v = _get(c, field)
+    ok = isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo)
+    _need(ok, field, "an int" + (f" >= {lo}" if lo is not None else ""), v)
+
+
+def _num(c: Any, field: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> None:
+    v = _get(c, field)
+    ok = isinstance(v, int | float) and not isinstance(v, bool)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v <= hi
+    lo_s = "" if lo is None else (f" > {lo}" if lo_open else f" >= {lo}")
+    hi_s = "" if hi is None else f" <= {hi}"
+    _need(ok, field, "a number" + lo_s + (" and" if lo_s and hi_s else "") + hi_s, v)
+
+
+def _choice(c: Any, field: str, choices: tuple) -> None:
+    v = _get(c, field)
+    _need(v in choices, field, f"one of {choices}", v)
+
+
+def _get(c: Any, field: str) -> Any:
+    for part in field.split("."):
+        c = c[part]
+    return c
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """``ValueError`` naming the field and the expected value for anything wrong (before compiling)."""
+    from gmflow_jax.data import KNOWN_DATASETS
+
+    _int(c, "seed", 0)
+    _need(c.seed < 2**32, "seed", "an int in [0, 2**32)", c.seed)
+    _int(c, "num_steps", 1)
+    _int(c, "batch_size", 1)
+    _need(isinstance(c.mesh, tuple | list) and len(c.mesh) == 2, "mesh", "a tuple (data, fsdp) of ints", c.mesh)
+    _need(isinstance(c.init_from, str), "init_from", "a path string ('' for none)", c.init_from)
+
+    ds = c.data.dataset
+    if ds in LATER_DATASETS:
+        raise ValueError(f"config.data.dataset={ds!r}: {LATER_DATASETS[ds]}")
+    _need(ds in KNOWN_DATASETS, "data.dataset", f"one of {KNOWN_DATASETS}", ds)
+    _need(isinstance(c.data.data_dir, str), "data.data_dir", "a directory path string", c.data.data_dir)
+    _choice(c, "data.read", ("per_process", "global", "device"))
+    _int(c, "data.worker_count", 0)
+    _int(c, "data.prefetch", 0)
+
+    m = c.model
+    _choice(c, "model.kind", MODEL_KINDS)
+    _int(c, "model.num_gaussians", 1)
+    _int(c, "model.num_classes", 0)
+    _need(isinstance(m.spectrum, bool), "model.spectrum", "a bool", m.spectrum)
+    if m.kind == "toy":
+        _need(
+            ds.startswith("checkerboard"), "data.dataset", "a 2-D dataset ('checkerboard...') for model.kind='toy'", ds
+        )
+        _int(c, "model.channels", 1)
+        _int(c, "model.hidden", 1)
+        _int(c, "model.num_layers", 1)
+        _need(not m.spectrum, "model.spectrum", "False for model.kind='toy' (no SpectrumMLP on 2-D points)", m.spectrum)
+    else:
+        _need(not ds.startswith("checkerboard"), "data.dataset", "an image dataset for model.kind='gmdit'", ds)
+        _need(isinstance(m.arch, str), "model.arch", "a DiT size like 'XL/2' or '' for explicit sizes", m.arch)
+        _int(c, "model.num_classes", 1)
+        _int(c, "model.in_channels", 1)
+        _choice(c, "model.dtype", ("float32", "bfloat16"))
+        if not m.arch:
+            for f in ("patch_size", "hidden_size", "depth", "num_heads"):
+                _int(c, f"model.{f}", 1)
+    lo = c.loss
+    _choice(c, "loss.objective", ("gm", "l2"))
+    _num(c, "loss.trans_ratio", 0.0, 1.0)
+    _choice(c, "loss.t_mode", ("uniform", "logit_normal"))
+    _num(c, "loss.t_shift", 0.0, lo_open=True)
+    _num(c, "loss.weight", 0.0, lo_open=True)
+    _num(c, "loss.spectral_weight", 0.0)
+    _num(c, "loss.label_dropout", 0.0, 1.0)
+    if lo.objective == "l2":
+        _need(
+            m.num_gaussians == 1 and not m.spectrum and not m.get("learn_std", False),
+            "model",
+            "num_gaussians=1, learn_std=False and spectrum=False for loss.objective='l2'",
+            {k: m.get(k) for k in ("num_gaussians", "learn_std", "spectrum")},
+        )
+    o = c.optim
+    _num(c, "optim.lr", 0.0, lo_open=True)
+    _num(c, "optim.b1", 0.0, 1.0)
+    _num(c, "optim.b2", 0.0, 1.0)
+    _num(c, "optim.eps", 0.0, lo_open=True)
+    _num(c, "optim.weight_decay", 0.0)
+    _int(c, "optim.warmup_steps", 0)
+    _num(c, "optim.warmup_init_factor", 0.0, 1.0)
+    _num(c, "optim.clip_norm", 0.0)
+    _int(c, "optim.clip_start", 0)
+    del o
+    _num(c, "ema.max_nimg", 0.0)
+    _num(c, "ema.ratio", 0.0)
+    _int(c, "checkpoint.every_steps", 1)
+    _int(c, "checkpoint.keep", 1)
+    _need(isinstance(c.checkpoint.async_save, bool), "checkpoint.async_save", "a bool", c.checkpoint.async_save)
+    _int(c, "checkpoint.preemption_check_every", 1)
+    for f in ("every_steps", "progress_every_steps"):
+        _int(c, f"log.{f}", 1)
+    _int(c, "log.sample_every_steps", 0)
+    _int(c, "log.sample_steps", 1)
+    _choice(c, "log.sample_order", (1, 2))
+    for f in ("sample_classes", "sample_per_class", "sample_points"):
+        _int(c, f"log.{f}", 1)
+    _int(c, "log.profile_first_step", 0)
+    _int(c, "log.profile_steps", 1)
+    _int(c, "debug.nan_at_step", -1)

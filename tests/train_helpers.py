@@ -1,0 +1,179 @@
+"""Subprocess helpers for the trainer tests: run ``python -m gmflow_jax.train`` and read its checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKERBOARD = str(ROOT / "configs" / "checkerboard_k64.py")
+DIGITS = str(ROOT / "configs" / "digits_gmdit.py")
+
+# A toy MLP on 64k checkerboard points: compiles in seconds, ~100 steps/s on one core.
+TOY_FLAGS = (
+    "--config.data.dataset=checkerboard/64k",
+    "--config.model.hidden=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_freqs=4",
+    "--config.batch_size=64",
+    "--config.log.every_steps=5",
+    "--config.log.progress_every_steps=10",
+    "--config.log.sample_every_steps=0",
+    "--config.data.prefetch=0",
+    "--config.data.read=per_process",
+    "--config.checkpoint.keep=10",
+)
+
+# A tiny GM-DiT with SpectrumMLP on the 8×8 digits (hidden 32 = 8 × 4 so FSDP splits it over 8 devices).
+DIT_FLAGS = (
+    "--config.model.hidden_size=32",
+    "--config.model.depth=1",
+    "--config.model.num_heads=2",
+    "--config.model.num_gaussians=2",
+    "--config.model.logstd_inner_dim=16",
+    "--config.batch_size=16",
+    "--config.log.every_steps=1",
+    "--config.log.sample_every_steps=0",
+    "--config.data.prefetch=0",
+    "--config.data.read=global",
+)
+
+
+def child_env(devices: int = 1) -> dict[str, str]:
+    """Environment of a trainer subprocess on ``devices`` simulated CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def train_cmd(config: str, workdir: str | Path, data_dir: str | Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "gmflow_jax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *flags,
+    ]
+
+
+def run(cmd: Sequence[str], *, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs a command to completion; stdout+stderr captured as text in ``.stdout``."""
+    return subprocess.run(
+        list(cmd),
+        env=child_env(devices),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start(cmd: Sequence[str], *, devices: int = 1, log: Path | None = None) -> subprocess.Popen:
+    """Starts a command in the background, its output going to ``log`` (or discarded)."""
+    out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
+    return subprocess.Popen(list(cmd), env=child_env(devices), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Committed checkpoint steps in a workdir."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+
+
+def wait_for(predicate, *, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:
+    """Polls ``predicate()`` until true; fails on timeout or if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before the condition was met")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the condition")
+        time.sleep(poll)
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    proc.send_signal(sig)
+
+
+def load_state(workdir: str | Path, step: int | None = None) -> dict:
+    """The checkpointed train state of ``step`` (default: latest) as numpy arrays (no sharding needed)."""
+    import orbax.checkpoint as ocp
+
+    steps = checkpoint_steps(workdir)
+    assert steps, f"no checkpoint in {workdir}"
+    step = steps[-1] if step is None else step
+    path = Path(workdir) / "checkpoints" / str(step) / "state"
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+        restore_args = _numpy_restore_args(tree)
+        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
+def _numpy_restore_args(tree):
+    import jax
+    import orbax.checkpoint as ocp
+
+    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """``{path: array}`` of a nested tree."""
+    import jax
+
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(cmd_for, tmp_path: Path, tag: str, devices: int = 1, timeout: float = 400) -> list[str]:
+    """Runs ``cmd_for(*distributed_flags)`` as 2 processes on loopback (gloo); asserts exit 0; returns their logs."""
+    port = free_port()
+    procs = [
+        start(
+            cmd_for(
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+                "--distributed_timeout=120",
+            ),
+            devices=devices,
+            log=tmp_path / f"{tag}{i}.log",
+        )
+        for i in range(2)
+    ]
+    deadline = time.monotonic() + timeout
+    try:  # stop early when one fails (the other would wait for it until the distributed timeout)
+        while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs):
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    logs = [(tmp_path / f"{tag}{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    return logs
