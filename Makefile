@@ -20,7 +20,7 @@ install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
 demo: install
-	$(PY) bench/checkerboard.py --preset demo --out results/checkerboard_demo
+	$(PY) -m gmflow_jax.demo --workdir results/digits_demo
 
 lint: install-test
 	$(VENV)/bin/ruff format --check .
