@@ -16,8 +16,9 @@ Every experiment file in ``configs/`` starts from ``base_config()`` and changes 
   ``t_mode`` ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``,
   ``label_dropout``.
 * ``optim``: AdamW ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay`` (none on biases),
-  ``warmup_steps`` (linear from ``warmup_init_factor × lr``), ``clip_norm`` (0: off) applied from
-  step ``clip_start`` on.
+  ``warmup_steps`` (linear from ``warmup_init_factor × lr``), then constant or, with
+  ``decay_steps > 0``, cosine decay to ``final_lr_factor × lr``; ``clip_norm`` (0: off) applied
+  from step ``clip_start`` on.
 * ``ema``: ``max_nimg``, ``ratio`` (spec §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
 * ``checkpoint``: ``every_steps``, ``keep``, ``async_save``, ``preemption_check_every``
   (multi-process runs agree on a stop signal every that many steps).
@@ -113,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
             weight_decay=0.05,
             warmup_steps=1000,
             warmup_init_factor=1e-3,
+            decay_steps=0,
+            final_lr_factor=0.01,
             clip_norm=10.0,
             clip_start=1000,
         )
@@ -260,6 +263,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _num(c, "optim.weight_decay", 0.0)
     _int(c, "optim.warmup_steps", 0)
     _num(c, "optim.warmup_init_factor", 0.0, 1.0)
+    _int(c, "optim.decay_steps", 0)
+    _num(c, "optim.final_lr_factor", 0.0, 1.0)
     _num(c, "optim.clip_norm", 0.0)
     _int(c, "optim.clip_start", 0)
     del o

@@ -77,12 +77,23 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def lr_schedule(ocfg: Any) -> optax.Schedule:
+    """Linear warm-up from ``warmup_init_factor × lr``, then constant, or (``decay_steps > 0``) cosine
+    decay to ``final_lr_factor × lr`` over the ``decay_steps`` steps after the warm-up."""
+    after = (
+        optax.cosine_decay_schedule(ocfg.lr, ocfg.decay_steps, alpha=ocfg.final_lr_factor)
+        if ocfg.decay_steps > 0
+        else optax.constant_schedule(ocfg.lr)
+    )
+    if ocfg.warmup_steps == 0:
+        return after
+    warmup = optax.linear_schedule(ocfg.lr * ocfg.warmup_init_factor, ocfg.lr, ocfg.warmup_steps)
+    return optax.join_schedules([warmup, after], [ocfg.warmup_steps])
+
+
 def make_optimizer(ocfg: Any) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
-    """AdamW with linear warm-up from ``warmup_init_factor × lr`` and clipping from ``clip_start``."""
-    if ocfg.warmup_steps > 0:
-        schedule = optax.linear_schedule(ocfg.lr * ocfg.warmup_init_factor, ocfg.lr, ocfg.warmup_steps)
-    else:
-        schedule = optax.constant_schedule(ocfg.lr)
+    """AdamW on ``lr_schedule(ocfg)``, clipping from ``clip_start``."""
+    schedule = lr_schedule(ocfg)
     parts = []
     if ocfg.clip_norm > 0:
         parts.append(clip_by_global_norm_from(ocfg.clip_norm, ocfg.clip_start))

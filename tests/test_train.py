@@ -7,6 +7,7 @@ devices set through ``XLA_FLAGS`` in the child's environment.
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import signal
@@ -94,13 +95,19 @@ def test_ema_formula_and_warmup():
     ocfg = ml_collections.ConfigDict(
         dict(
             lr=2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, warmup_steps=1000, warmup_init_factor=1e-3,
-            clip_norm=10.0, clip_start=1000,
+            decay_steps=0, final_lr_factor=0.01, clip_norm=10.0, clip_start=1000,
         )
     )  # fmt: skip
     _, schedule = make_optimizer(ocfg)
     assert float(schedule(0)) == pytest.approx(2e-7, rel=1e-5)
     assert float(schedule(500)) == pytest.approx(2e-4 * (1e-3 + 0.5 * (1 - 1e-3)), rel=1e-5)
     assert float(schedule(5000)) == pytest.approx(2e-4, rel=1e-5)
+    # cosine decay after the warm-up: lr (f + (1 − f)(1 + cos(π k / K)) / 2), k steps after the warm-up
+    ocfg.decay_steps = 4000
+    _, schedule = make_optimizer(ocfg)
+    for k in (0, 1000, 2000, 4000, 6000):
+        expected = 2e-4 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(k, 4000) / 4000)))
+        assert float(schedule(1000 + k)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_clipping_starts_at_clip_start_and_no_decay_on_biases():
