@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gmflow_jax.gm import GM, Gaussian, as_float32, gm_mul_iso_gaussian
+from gmflow_jax.gm import GM, Gaussian, as_float32, check_points, gm_mul_iso_gaussian
 
 Array = jax.Array
 
@@ -26,14 +26,6 @@ def per_sample(value, ndim: int) -> Array:
     return value.reshape(value.shape + (1,) * (ndim - 1))
 
 
-def _check_x(gm: GM, x: Array, name: str) -> Array:
-    x = jnp.asarray(x)
-    expected = gm.means.shape[:-2] + gm.means.shape[-1:]
-    if x.shape != expected:
-        raise ValueError(f"{name} must have shape (*B, C) = {expected} to match the GM; got {x.shape}.")
-    return x.astype(jnp.float32)
-
-
 def diffuse(x0: Array, noise: Array, sigma) -> Array:
     """``x_t = (1 − σ) x0 + σ ε``: (*B, C)."""
     s = per_sample(sigma, x0.ndim)
@@ -43,7 +35,7 @@ def diffuse(x0: Array, noise: Array, sigma) -> Array:
 def u_to_x0(gm_u: GM, x_t: Array, sigma) -> GM:
     """A GM over the velocity ``u = ε − x0`` at ``(x_t, σ)`` -> the GM over ``x0``."""
     gm_u = as_float32(gm_u)
-    x_t = _check_x(gm_u, x_t, "x_t")
+    x_t = check_points(gm_u, x_t, "x_t")
     s = per_sample(sigma, gm_u.means.ndim)
     means = x_t[..., None, :] - s * gm_u.means
     logstds = gm_u.logstds + jnp.log(jnp.maximum(s, SIGMA_EPS))
@@ -63,7 +55,7 @@ def transition_coefs(sigma, sigma_to, ndim: int) -> tuple[Array, Array, Array]:
 def reverse_transition(gm_x0: GM, x_t: Array, sigma, sigma_to) -> GM:
     """The GM of ``x_{σ'}`` given ``x_σ`` implied by an x0-GM (spec §6), σ' < σ."""
     gm_x0 = as_float32(gm_x0)
-    x_t = _check_x(gm_x0, x_t, "x_t")
+    x_t = check_points(gm_x0, x_t, "x_t")
     c1, c2, c3 = transition_coefs(sigma, sigma_to, gm_x0.means.ndim)
     means = c1 * x_t[..., None, :] + c2 * gm_x0.means
     logstds = 0.5 * jnp.logaddexp(
@@ -78,8 +70,8 @@ def convert_denoising_gm(gm_x0: GM, x_src: Array, sigma_src, x_tgt: Array, sigma
     Multiplies by the Gaussian in x0 proportional to ``p(x_tgt | x0) / p(x_src | x0)``.
     """
     gm_x0 = as_float32(gm_x0)
-    x_src = _check_x(gm_x0, x_src, "x_src")
-    x_tgt = _check_x(gm_x0, x_tgt, "x_tgt")
+    x_src = check_points(gm_x0, x_src, "x_src")
+    x_tgt = check_points(gm_x0, x_tgt, "x_tgt")
     s_src, s_tgt = per_sample(sigma_src, x_src.ndim), per_sample(sigma_tgt, x_src.ndim)
     a_src, a_tgt = 1.0 - s_src, 1.0 - s_tgt
     denom = jnp.maximum((a_tgt * s_src) ** 2 - (a_src * s_tgt) ** 2, SIGMA_EPS)

@@ -86,7 +86,8 @@ def _gaussian_f32(g: Gaussian) -> Gaussian:
     return Gaussian(_f32(mean), _f32(var))
 
 
-def _check_points(gm: GM, x: Array, name: str = "x") -> Array:
+def check_points(gm: GM, x: Array, name: str = "x") -> Array:
+    """``x`` as float32 after checking it is (*B, C) for the GM's (*B, K, C) means."""
     x = jnp.asarray(x)
     expected = gm.means.shape[:-2] + gm.means.shape[-1:]
     if x.shape != expected:
@@ -138,7 +139,7 @@ def gm_mul_iso_gaussian(gm: GM, g: Gaussian, gm_power: float = 1.0, g_power: flo
 def gm_logprob(gm: GM, x: Array) -> Array:
     """``log q(x)`` with the ``(C/2) log 2π`` constant: x (*B, C) -> (*B,)."""
     gm = as_float32(gm)
-    x = _check_points(gm, x)
+    x = check_points(gm, x)
     c = gm.means.shape[-1]
     logstds = jnp.broadcast_to(gm.logstds, gm.means.shape[:-2] + (1, 1))[..., 0]  # (*B, 1)
     sqdist = jnp.sum((x[..., None, :] - gm.means) ** 2, axis=-1)  # (*B, K)
@@ -188,7 +189,7 @@ def _conditional_logweights(gm: GM, nu: Array, y: Array, d: int, inv_s2: Array) 
 def gm_to_standard_normal(gm: GM, x: Array) -> Array:
     """Forward KR map of GM samples x (*B, C) to N(0, I), in the rotated frame."""
     gm = as_float32(gm)
-    x = _check_points(gm, x)
+    x = check_points(gm, x)
     q = _kr_frame(gm)
     y = jnp.einsum("...c,...cd->...d", x, q)
     nu = jnp.einsum("...kc,...cd->...kd", gm.means, q)
@@ -206,7 +207,7 @@ def gm_to_standard_normal(gm: GM, x: Array) -> Array:
 def standard_normal_to_gm(gm: GM, z: Array, newton_steps: int = 16) -> Array:
     """Inverse KR map: z (*B, C) in the rotated frame -> GM samples (*B, C)."""
     gm = as_float32(gm)
-    z = _check_points(gm, z, "z")
+    z = check_points(gm, z, "z")
     q = _kr_frame(gm)
     nu = jnp.einsum("...kc,...cd->...kd", gm.means, q)
     s = jnp.exp(gm.logstds[..., 0])  # (*B|1, 1)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from gmflow_jax.flow import per_sample, reverse_transition, u_to_x0
-from gmflow_jax.gm import GM, Gaussian, as_float32, gm_to_iso_gaussian, spectral_excess
+from gmflow_jax.gm import GM, Gaussian, as_float32, check_points, gm_to_iso_gaussian, spectral_excess
 
 Array = jax.Array
 
@@ -20,9 +20,7 @@ TAU_MIN = 1e-4  # network time units
 def gm_nll(gm: GM, x: Array) -> Array:
     """``−log q(x)`` without the ``(C/2) log 2π`` constant, ``1/s`` clamped ≤ 1e4: (*B,)."""
     gm = as_float32(gm)
-    x = jnp.asarray(x, jnp.float32)
-    if x.shape != gm.means.shape[:-2] + gm.means.shape[-1:]:
-        raise ValueError(f"x must have shape (*B, C) = {gm.means.shape[:-2] + gm.means.shape[-1:]}; got {x.shape}.")
+    x = check_points(gm, x)
     c = gm.means.shape[-1]
     logstds = jnp.maximum(gm.logstds, -math.log(MAX_INV_STD))
     logstds = jnp.broadcast_to(logstds, gm.means.shape[:-2] + (1, 1))[..., 0]  # (*B, 1)
