@@ -95,7 +95,7 @@ def _validate(noise, labels, solver, order, num_steps, num_substeps, guidance, n
 
 
 def _check_denoiser_output(denoise_fn, noise, labels, guided, null_label):
-    """Runs ``denoise_fn`` abstractly and checks the GM shapes; returns the GM's shapes."""
+    """Runs ``denoise_fn`` abstractly and checks the GM shapes; returns K."""
     n = noise.shape[0] * (2 if guided else 1)
     x = jax.ShapeDtypeStruct((n,) + noise.shape[1:], jnp.float32)
     tau = jax.ShapeDtypeStruct((n,), jnp.float32)
@@ -107,7 +107,7 @@ def _check_denoiser_output(denoise_fn, noise, labels, guided, null_label):
     if means[:-2] != x.shape[:-1] or means[-1] != x.shape[-1]:
         raise ValueError(f"denoise_fn returned means of shape {means}; expected (*B, K, C) with (*B, C) = {x.shape}.")
     check_gm_shapes(out)
-    return means
+    return means[-2]
 
 
 class _Denoiser:
@@ -163,10 +163,10 @@ def _select(pred, a, b):
     return jax.tree.map(lambda u, v: jnp.where(pred, u, v), a, b)
 
 
-def _gm_solver(denoiser, x, key, sigmas, *, sde, order, num_steps, num_substeps, w, orthogonal, spectrum_fn, shapes):
+def _gm_solver(denoiser, x, key, sigmas, *, sde, order, num_steps, num_substeps, w, orthogonal, spectrum_fn, k):
     n_sub = num_substeps
-    means_shape = shapes
-    batch = means_shape[:-2]
+    batch = x.shape[:-1]
+    means_shape = batch + (k, x.shape[-1])
     init_prev = (
         GM(jnp.zeros(means_shape), jnp.zeros(means_shape[:-1]), jnp.zeros(batch + (1, 1))),
         jnp.zeros_like(x),
@@ -288,13 +288,12 @@ def sample(
     guided = _validate(noise, labels, solver, order, num_steps, num_substeps, guidance, null_label, spectrum_fn)
     if ddpm_variance not in ("small", "large"):
         raise ValueError(f"ddpm_variance must be 'small' or 'large'; got {ddpm_variance!r}.")
-    shapes = _check_denoiser_output(denoise_fn, noise, labels, guided, null_label)
+    k = _check_denoiser_output(denoise_fn, noise, labels, guided, null_label)
     x = noise.astype(jnp.float32)
     w = per_sample(guidance, x.ndim) if guided else jnp.float32(0.0)
     denoiser = _Denoiser(denoise_fn, labels, guided, null_label)
     sigmas = time_grid(num_steps * num_substeps, shift)
     if solver in GM_SOLVERS:
-        n = x.shape[0]
         return _gm_solver(
             denoiser,
             x,
@@ -307,7 +306,7 @@ def sample(
             w=w,
             orthogonal=orthogonal,
             spectrum_fn=spectrum_fn,
-            shapes=(n,) + shapes[1:],
+            k=k,
         )
     return _baseline_solver(
         denoiser,
