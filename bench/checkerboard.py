@@ -21,7 +21,6 @@ first use in ``--data-dir`` (default: the trainer's, ``$GMFLOW_DATA_DIR`` or
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import sys
@@ -41,8 +40,8 @@ from gmflow_jax import solvers
 from gmflow_jax.data.builders import CHECKERBOARD_SIZE, checkerboard_inside, checkerboard_sample
 from gmflow_jax.sampling import Sampler
 from gmflow_jax.train import train
+from gmflow_jax.train.config import load_config
 
-CONFIG_FILE = Path(__file__).resolve().parents[1] / "configs" / "checkerboard_k64.py"
 PRESETS = {  # overrides: config field -> value, on top of configs/checkerboard_k64.py
     "full": dict(overrides={}, samples=100_000, nfes=(1, 2, 4, 8, 16, 32)),
     "demo": dict(
@@ -61,17 +60,9 @@ BASELINE_METHODS = {"Euler": "euler", "DDPM": "ddpm", "DPM++ 2M": "dpmpp-2m"}
 FINAL_LOSS_WINDOW = 0.1  # final_train_loss: mean logged loss over the last 10 % of the steps
 
 
-def load_config(arg: str | None) -> ml_collections.ConfigDict:
-    """``get_config(arg)`` of configs/checkerboard_k64.py (the configs are files, not a package)."""
-    spec = importlib.util.spec_from_file_location("checkerboard_k64_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
 def bench_config(arg: str | None, overrides: dict, args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The trainer config of one model: the config file, the preset's overrides and the command line."""
-    c = load_config(arg)
+    c = load_config("checkerboard_k64", arg)
     for field, value in overrides.items():
         *parents, leaf = field.split(".")
         node = c
@@ -86,12 +77,6 @@ def bench_config(arg: str | None, overrides: dict, args: argparse.Namespace) -> 
     c.log.sample_every_steps = 0  # no preview grids: the bench draws its own
     c.log.progress_every_steps = 1000
     return c
-
-
-def checkpoint_steps(workdir: Path) -> list[int]:
-    """Steps with a checkpoint in a trainer workdir (none: [])."""
-    root = workdir / ckpt_lib.CHECKPOINT_DIR
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
 
 
 def read_losses(logdir: Path) -> dict[int, float]:
@@ -123,7 +108,7 @@ def ema_model(config: ml_collections.ConfigDict, workdir: Path) -> nnx.Module:
 
 def train_model(name: str, config: ml_collections.ConfigDict, workdir: Path) -> dict:
     """Trains (or resumes, or reuses) one model; returns what metrics.json records of its training."""
-    before = checkpoint_steps(workdir)
+    before = ckpt_lib.list_steps(str(workdir / ckpt_lib.CHECKPOINT_DIR))
     start = before[-1] if before else 0
     if start > config.num_steps:
         raise SystemExit(

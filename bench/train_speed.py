@@ -12,7 +12,6 @@ pipeline is not measured); the step is the trainer's jitted, state-donating trai
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -30,10 +29,9 @@ DEFAULT_BATCH = {"digits": 64, "b2_32": 4}
 
 
 def case_config(name: str, batch: int):
-    spec = importlib.util.spec_from_file_location("digits_cfg", ROOT / "configs" / "digits_gmdit.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config()
+    from gmflow_jax.train.config import load_config
+
+    c = load_config("digits_gmdit")
     if name == "b2_32":
         c.model.arch = "B/2"
         c.model.input_size = 32
@@ -50,10 +48,10 @@ def run_case(name: str, batch: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from gmflow_jax.model_builder import data_shape
+    from gmflow_jax.models.factory import data_shape
     from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
-    from gmflow_jax.train_state import init_state, setup_state
-    from gmflow_jax.train_step import make_train_step
+    from gmflow_jax.train.state import init_state, setup_state
+    from gmflow_jax.train.step import make_train_step
 
     config = case_config(name, batch)
     mesh = make_mesh((-1, 1))

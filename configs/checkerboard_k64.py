@@ -1,16 +1,18 @@
 """The 2-D checkerboard experiment of the paper (§5.1): ``ToyGMFlow`` with K = 64, λ = 0.9.
 
 ``get_config()`` is GMFlow (transition loss, uniform t, loss weight 1);
-``get_config('baseline')`` the flow-matching baseline (K = 1, fixed unit std, L2 loss).
+``get_config('baseline')`` the flow-matching baseline (K = 1, fixed unit std, L2 loss);
+``get_config('tiny')`` a small GMFlow MLP on 64K points (compiles in seconds, ~100 steps/s on
+one core: the tests' model).
 
 Both use the budget of ``bench/checkerboard.py``, which trains them through this trainer: an MLP of
 5 hidden layers of 256, 10 000 steps × batch 1024 on the 2**20-point dataset (held on the device),
 Adam (AdamW with no weight decay) at 1e-3 with a cosine decay to 1e-5 over the run (no warm-up),
 no clipping, and an EMA of the weights whose ``ema_nimg`` grows with the
-images seen up to a half-life of ~693 steps, i.e. β = 0.999 a step (spec §9; reached at step ~6900).
+images seen up to a half-life of ~693 steps, i.e. β = 0.999 a step (method.md §9; reached at step ~6900).
 
-    python -m gmflow_jax.train --config configs/checkerboard_k64.py --workdir runs/cb
-    python -m gmflow_jax.train --config configs/checkerboard_k64.py:baseline --workdir runs/cb_fm
+    python -m gmflow_jax.train --config checkerboard_k64 --workdir runs/cb
+    python -m gmflow_jax.train --config checkerboard_k64:baseline --workdir runs/cb_fm
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ import math
 
 import ml_collections
 
-from gmflow_jax.train_config import base_config, toy_model_config
+from gmflow_jax.train.config import base_config, toy_model_config
 
-VARIANTS = ("gmflow", "baseline")
+VARIANTS = ("gmflow", "baseline", "tiny")
 BATCH_SIZE = 1024
 EMA_DECAY = 0.999  # per step, once the ramp is over
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: None / 'gmflow' (K = 64) or 'baseline' (L2 flow matching)."""
+    """``arg``: None / 'gmflow' (K = 64), 'baseline' (L2 flow matching) or 'tiny'."""
     variant = arg or "gmflow"
     if variant not in VARIANTS:
         raise ValueError(f"checkerboard_k64 variant must be one of {VARIANTS}; got {arg!r}.")
@@ -60,4 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 2000
     c.log.every_steps = 100
     c.log.sample_every_steps = 5000
+    if variant == "tiny":
+        c.data.update(dataset="checkerboard/64k", read="per_process", prefetch=0)
+        c.model.update(hidden=32, num_layers=2, num_freqs=4)
+        c.batch_size = 64
+        c.log.update(every_steps=5, progress_every_steps=10, sample_every_steps=0)
     return c

@@ -4,19 +4,26 @@ The embedded default experiment: 2000 steps of batch 64 (0.76M parameters, ~0.16
 cores) train in about 6 minutes to recognisable digits (``<workdir>/samples/latest.png``, one class
 per row; measured in bench/train_speed.py).
 
-    python -m gmflow_jax.train --config configs/digits_gmdit.py --workdir runs/digits
+    python -m gmflow_jax.train --config digits_gmdit --workdir runs/digits
+
+``get_config('tiny')`` is a 1-block GM-DiT (hidden 32 = 8 × 4, so FSDP splits it over 8 devices,
+K = 2) that compiles in seconds: the tests' model.
 """
 
 from __future__ import annotations
 
 import ml_collections
 
-from gmflow_jax.train_config import base_config
+from gmflow_jax.train.config import base_config
+
+VARIANTS = ("default", "tiny")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: unused (kept for the ``get_config(arg)`` convention)."""
-    del arg
+    """``arg``: None / 'default', or 'tiny'."""
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"digits_gmdit variant must be one of {VARIANTS}; got {arg!r}.")
     c = base_config()
     c.data.dataset = "digits"
     c.data.read = "device"  # small: held on device, no per-record Python cost
@@ -46,4 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 1000
     c.log.every_steps = 100
     c.log.sample_every_steps = 1000
+    if variant == "tiny":
+        c.model.update(hidden_size=32, depth=1, num_heads=2, num_gaussians=2, logstd_inner_dim=16)
+        c.batch_size = 16
+        c.log.update(every_steps=1, sample_every_steps=0)
+        c.data.prefetch = 0
     return c

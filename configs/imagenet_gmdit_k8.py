@@ -1,4 +1,4 @@
-"""The published ImageNet 256² recipe (spec §9): GM-DiT XL/2, K = 8, on 32×32×4 VAE latents.
+"""The published ImageNet 256² recipe (docs/method.md §9): GM-DiT XL/2, K = 8, on 32×32×4 VAE latents.
 
 Batch 4096, 200K iterations, AdamW 2e-4 (1000-step warm-up from 0.001×), betas (0.9, 0.95),
 weight decay 0.05, gradient clip 10 from step 1000, bf16 compute, λ = 0.5, logit-normal t, loss
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from gmflow_jax.train_config import base_config, fsdp_rules
+from gmflow_jax.train.config import base_config, fsdp_rules
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -13,6 +13,12 @@ process 0 once the save has finished; on restore it detects truncated or deleted
 that fails (manifest mismatch, restore error, non-finite weights) is moved to
 ``<workdir>/damaged_checkpoints/`` with a warning and the previous step is tried; if checkpoints
 exist but none restores, ``CheckpointError`` — never a silent restart from scratch.
+
+Writing is ``Checkpointer`` (the trainer's). Reading is the functions below it, used by the trainer's
+restore, ``init_from``, the ``Sampler`` and anything else that opens a run: ``locate`` (a workdir,
+its ``checkpoints/`` root or one step directory), ``list_steps``, ``verify_step`` (the manifest
+check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state`` item), and
+``newest_good`` (the newest step that passes a check, trying older ones).
 """
 
 from __future__ import annotations
@@ -23,13 +29,13 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
+
+from gmflow_jax.multihost import agree, barrier
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_DIR = "checkpoint_manifests"
@@ -50,15 +56,6 @@ class _IteratorSnapshot:
         return self._state
 
 
-def _agree(ok: bool) -> bool:
-    """True iff ``ok`` on every JAX process."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-
-    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
-
-
 def file_sizes(directory: str) -> dict[str, int]:
     """``{path relative to directory: size in bytes}`` of every file below ``directory``."""
     out = {}
@@ -67,6 +64,13 @@ def file_sizes(directory: str) -> dict[str, int]:
             path = os.path.join(root, name)
             out[os.path.relpath(path, directory)] = os.path.getsize(path)
     return out
+
+
+def describe(e: BaseException) -> str:
+    """How a failed step is reported: the first line of the message (at most 300 characters), after the
+    exception's type unless it is our own ``CheckpointError``."""
+    first = (str(e).splitlines() or [""])[0][:300]
+    return first if isinstance(e, CheckpointError) else f"{type(e).__name__}: {first}"
 
 
 def all_finite(tree: Any) -> bool:
@@ -100,6 +104,8 @@ class Checkpointer:
 
     def save(self, step: int, state: dict[str, Any], data_state: bytes, meta: dict[str, Any]) -> None:
         """Starts saving ``state`` (a pytree of jax.Arrays) at ``step``; returns once the arrays are copied."""
+        import grain  # the trainer's dependency: readers of checkpoints never import it
+
         self._finish_previous()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
@@ -116,7 +122,7 @@ class Checkpointer:
         self._mngr.wait_until_finished()
         if jax.process_index() == 0:
             os.makedirs(self.manifest_dir, exist_ok=True)
-            present = {int(n) for n in os.listdir(self.directory) if n.isdigit()}
+            present = set(list_steps(self.directory))
             for step in self._unmanifested:
                 if step in present:
                     sizes = file_sizes(os.path.join(self.directory, str(step)))
@@ -140,26 +146,6 @@ class Checkpointer:
 
     # --- restoring ----------------------------------------------------------------------
 
-    def steps(self) -> list[int]:
-        self._mngr.reload()
-        return sorted(self._mngr.all_steps())
-
-    def verify_files(self, step: int) -> str | None:
-        """None if the files of ``step`` match its manifest, else what is wrong (no manifest: None)."""
-        path = os.path.join(self.manifest_dir, f"{step}.json")
-        if not os.path.exists(path):
-            logging.warning("checkpoint step %d has no manifest (the run stopped before writing it)", step)
-            return None
-        with open(path) as f:
-            expected = json.load(f)
-        actual = file_sizes(os.path.join(self.directory, str(step)))
-        for rel, size in sorted(expected.items()):
-            if rel not in actual:
-                return f"file {rel} is missing"
-            if actual[rel] != size:
-                return f"file {rel} has {actual[rel]} bytes, expected {size}"
-        return None
-
     def restore_latest(
         self, abstract_state: dict[str, Any], data_iterator: Any, check: Callable[[dict[str, Any]], str | None]
     ) -> tuple[int, dict[str, Any]] | None:
@@ -168,37 +154,30 @@ class Checkpointer:
         ``check(state) -> problem or None`` vets a restored state (e.g. finite weights). Returns
         ``(step, state)``, or None when there is no checkpoint. Damaged steps are moved aside.
         """
-        steps = self.steps()
+        import grain
+
+        steps = list_steps(self.directory)
         if not steps:
             return None
-        problems = []
-        for step in reversed(steps):
-            problem = self.verify_files(step)
-            state = None
-            if problem is None:
-                try:
-                    restored = self._mngr.restore(
-                        step,
-                        args=ocp.args.Composite(
-                            state=ocp.args.StandardRestore(abstract_state),
-                            data=grain.checkpoint.CheckpointRestore(data_iterator),
-                        ),
-                    )
-                    state = restored["state"]
-                    problem = check(state)
-                except Exception as e:  # any failure to read a step makes it damaged
-                    problem = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
-            if not _agree(problem is None):
-                problem = problem or "another process could not restore it"
-            if problem is None:
-                if problems:
-                    logging.warning("resumed from the previous good checkpoint, step %d", step)
-                return step, state
-            logging.warning(
-                "checkpoint step %d in %s is damaged (%s); trying the previous one", step, self.directory, problem
+
+        def attempt(step: int) -> dict[str, Any]:
+            problem = verify_step(self.directory, step)
+            if problem is not None:
+                raise CheckpointError(problem)
+            args = ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
             )
-            problems.append(f"step {step}: {problem}")
-            self._quarantine(step)
+            state = self._mngr.restore(step, args=args)["state"]
+            problem = check(state)
+            if problem is not None:
+                raise CheckpointError(problem)
+            return state
+
+        found, problems = newest_good(steps, attempt, self._quarantine, where=self.directory, all_processes=True)
+        if found is not None:
+            if problems:
+                logging.warning("resumed from the previous good checkpoint, step %d", found[0])
+            return found
         raise CheckpointError(
             f"checkpoints exist in {self.directory} but none can be restored ({'; '.join(problems)}); "
             f"they were moved to {os.path.join(self.workdir, DAMAGED_DIR)}. Refusing to restart from scratch: "
@@ -217,44 +196,132 @@ class Checkpointer:
             manifest = os.path.join(self.manifest_dir, f"{step}.json")
             if os.path.exists(manifest):
                 shutil.move(manifest, os.path.join(dest, f"{step}.manifest.json"))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"gmflow_quarantine_{step}")
+        barrier(f"gmflow_quarantine_{step}")
         self._mngr.reload()
 
 
-def resolve_checkpoint_step_dir(path: str) -> str:
-    """A step directory from ``path``: itself, or the latest step of a checkpoint root or workdir."""
-    p = epath.Path(os.path.abspath(os.path.expanduser(path)))
-    if (p / "state").is_dir():
-        return os.fspath(p)
-    for root in (p / CHECKPOINT_DIR, p):
-        if root.is_dir():
-            steps = [int(c.name) for c in root.iterdir() if c.name.isdigit() and (c / "state").is_dir()]
-            if steps:
-                return os.fspath(root / str(max(steps)))
-    raise CheckpointError(
-        f"config.init_from={path!r} is not a checkpoint: expected a step directory containing 'state/', "
-        f"or a workdir / checkpoint root with numbered step directories."
-    )
+# --- reading ----------------------------------------------------------------------------
+
+
+def locate(path: str) -> tuple[str, int | None]:
+    """``(checkpoint directory, pinned step or None)`` of a workdir, its ``checkpoints/`` root or a step directory.
+
+    ``CheckpointError`` naming ``path`` if it does not exist.
+    """
+    p = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(p):
+        raise CheckpointError(f"checkpoint path {path!r} does not exist (resolved to {p}).")
+    name = os.path.basename(p)
+    if name.isdigit() and os.path.isdir(os.path.join(p, "state")):
+        return os.path.dirname(p), int(name)
+    if name == CHECKPOINT_DIR and not os.path.isdir(os.path.join(p, CHECKPOINT_DIR)):
+        return p, None
+    return os.path.join(p, CHECKPOINT_DIR), None
+
+
+def list_steps(directory: str) -> list[int]:
+    """Committed steps in a checkpoint directory, ascending: numbered directories holding ``state/``.
+
+    Orbax writes a step under a temporary name and renames it when complete, so a half-written
+    save is never listed. A missing directory has no steps.
+    """
+    if not os.path.isdir(directory):
+        return []
+    names = os.listdir(directory)
+    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+
+
+def verify_step(directory: str, step: int) -> str | None:
+    """None if the files of ``step`` match its manifest, else what is wrong (no manifest: None, with a warning)."""
+    path = os.path.join(os.path.dirname(directory), MANIFEST_DIR, f"{step}.json")
+    if not os.path.exists(path):
+        logging.warning("checkpoint step %d has no manifest (the run stopped before writing it)", step)
+        return None
+    with open(path) as f:
+        expected = json.load(f)
+    actual = file_sizes(os.path.join(directory, str(step)))
+    for rel, size in sorted(expected.items()):
+        if rel not in actual:
+            return f"file {rel} is missing"
+        if actual[rel] != size:
+            return f"file {rel} has {actual[rel]} bytes, expected {size}"
+    return None
+
+
+def read_meta(directory: str, step: int) -> dict[str, Any]:
+    """``{'step', 'config'}`` of a step (its ``meta`` item, else the workdir's ``config.json``)."""
+    meta = os.path.join(directory, str(step), "meta", "metadata")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return json.load(f)
+    config = os.path.join(os.path.dirname(directory), "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            return {"step": step, "config": json.load(f)}
+    raise CheckpointError(f"checkpoint step {step} in {directory} has no config (looked at {meta} and {config}).")
+
+
+def restore(directory: str, step: int, target: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``state`` item of ``step``: the entries of ``target`` (a sub-tree of the train state, e.g.
+    ``{'ema': abstract params}``, leaves ``jax.ShapeDtypeStruct`` with shardings; the rest is not read),
+    or with ``target=None`` the whole state as NumPy arrays (inspection, tests)."""
+    path = os.path.join(directory, str(step), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        if target is None:
+            tree = ckptr.metadata(path).item_metadata.tree
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+        return ckptr.restore(
+            path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
+
+
+def newest_good(
+    steps: list[int],
+    attempt: Callable[[int], Any],
+    on_damaged: Callable[[int], None] | None = None,
+    *,
+    where: str,
+    all_processes: bool = False,
+) -> tuple[tuple[int, Any] | None, list[str]]:
+    """Tries ``attempt(step)`` from the newest step down; returns ``((step, value) or None, problems)``.
+
+    A step whose ``attempt`` raises is damaged: it is logged with its first error line, passed to
+    ``on_damaged`` and the previous step is tried. With ``all_processes`` a step counts as good
+    only if it is good on every JAX process.
+    """
+    problems = []
+    for step in reversed(steps):
+        value, problem = None, None
+        try:
+            value = attempt(step)
+        except Exception as e:  # any failure to read a step makes it unusable
+            problem = describe(e)
+        if all_processes and not agree(problem is None):
+            problem = problem or "another process could not restore it"
+        if problem is None:
+            return (step, value), problems
+        logging.warning("checkpoint step %d in %s is damaged (%s); trying the previous one", step, where, problem)
+        problems.append(f"step {step}: {problem}")
+        if on_damaged is not None:
+            on_damaged(step)
+    return None, problems
 
 
 def load_weights(path: str, abstract_params: Any) -> tuple[Any, Any]:
-    """``(params, ema)`` of the checkpoint at ``path`` (see ``resolve_checkpoint_step_dir``), sharded as
-    ``abstract_params`` (ShapeDtypeStructs with shardings); optimizer state and step are not read."""
-    step_dir = resolve_checkpoint_step_dir(path)
-    target = {"params": abstract_params, "ema": abstract_params}
-    restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-    with ocp.PyTreeCheckpointer() as ckptr:
-        try:
-            out = ckptr.restore(
-                os.path.join(step_dir, "state"),
-                args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
-            )
-        except Exception as e:
-            raise CheckpointError(
-                f"config.init_from={path!r}: could not load params/ema from {step_dir} ({type(e).__name__}: {e}); "
-                "expected a checkpoint of the same model architecture."
-            ) from e
+    """``(params, ema)`` of the newest step at ``path`` (a workdir, checkpoint root or step directory),
+    sharded as ``abstract_params`` (ShapeDtypeStructs with shardings); optimizer state and step are not read."""
+    try:
+        directory, step = locate(path)
+        steps = list_steps(directory)
+        if step is None and not steps:
+            raise CheckpointError(f"no checkpoint steps in {directory}")
+        step = max(steps) if step is None else step
+        out = restore(directory, step, {"params": abstract_params, "ema": abstract_params})
+    except Exception as e:
+        raise CheckpointError(
+            f"config.init_from={path!r}: could not load params/ema ({describe(e)}); "
+            "expected a workdir, checkpoint root or step directory of the same model architecture."
+        ) from e
     return out["params"], out["ema"]

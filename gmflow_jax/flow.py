@@ -1,7 +1,8 @@
-"""Forward process and moves between time levels (spec §1, §6).
+"""Forward process and moves between time levels (docs/method.md §1, §6).
 
 Path ``x_t = α x0 + σ ε`` with ``σ = t`` and ``α = 1 − t``. Noise levels ``sigma``
-are scalars or shape ``(N,)`` and broadcast over the remaining axes.
+are scalars or shape ``(N,)`` and broadcast over the remaining axes. The network sees the time
+as ``τ = 1000 t`` (``to_tau``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,12 @@ from gmflow_jax.gm import GM, Gaussian, as_float32, check_points, gm_mul_iso_gau
 Array = jax.Array
 
 SIGMA_EPS = 1e-6
+TAU_SCALE = 1000.0  # network time units per unit of t
+
+
+def to_tau(t):
+    """The network's time input ``τ = 1000 t`` (same shape as ``t``)."""
+    return TAU_SCALE * t
 
 
 def per_sample(value, ndim: int) -> Array:
@@ -53,7 +60,7 @@ def transition_coefs(sigma, sigma_to, ndim: int) -> tuple[Array, Array, Array]:
 
 
 def reverse_transition(gm_x0: GM, x_t: Array, sigma, sigma_to) -> GM:
-    """The GM of ``x_{σ'}`` given ``x_σ`` implied by an x0-GM (spec §6), σ' < σ."""
+    """The GM of ``x_{σ'}`` given ``x_σ`` implied by an x0-GM (method.md §6), σ' < σ."""
     gm_x0 = as_float32(gm_x0)
     x_t = check_points(gm_x0, x_t, "x_t")
     c1, c2, c3 = transition_coefs(sigma, sigma_to, gm_x0.means.ndim)

@@ -1,6 +1,6 @@
 """Gaussian-mixture and isotropic-Gaussian algebra, KR transport, spectral transform.
 
-Spec sections 2-4. Shapes follow spec §1: a GM over ``R^C`` at every pixel has
+docs/method.md §2–4. Shapes follow method.md §1: a GM over ``R^C`` at every pixel has
 ``means (*B, K, C)``, ``logweights (*B, K)`` (normalised) and ``logstds``
 broadcastable to ``(*B, 1, 1)``; an isotropic Gaussian has ``mean (*B, C)`` and
 ``var`` broadcastable to ``(*B, 1)``. All arithmetic runs in float32.
@@ -19,16 +19,16 @@ from jax.scipy.stats import norm
 
 Array = jax.Array
 
-PRODUCT_EPS = 1e-6  # clamp of the product denominators (spec §2), relative below unit scale
+PRODUCT_EPS = 1e-6  # clamp of the product denominators (method.md §2), relative below unit scale
 
 
 def _clamp_denominator(denom: Array, scale: Array) -> Array:
-    """``max(D, 1e-6 · min(1, scale))``: the spec's absolute clamp for variances of order 1 and
+    """``max(D, 1e-6 · min(1, scale))``: the authors' absolute clamp for variances of order 1 and
     above, relative for smaller ones, so that a ratio of two equal tiny Gaussians stays ~identity."""
     return jnp.maximum(denom, PRODUCT_EPS * jnp.minimum(1.0, scale))
 
 
-KR_CLAMP = 1e-6  # clamp of 2F - 1 in the forward KR map (spec §3)
+KR_CLAMP = 1e-6  # clamp of 2F - 1 in the forward KR map (method.md §3)
 
 
 class GM(NamedTuple):
@@ -51,7 +51,7 @@ def _f32(x) -> Array:
 
 
 def check_gm_shapes(gm: GM) -> None:
-    """Raises ValueError unless the fields of ``gm`` (arrays or shape structs) fit spec §1."""
+    """Raises ValueError unless the fields of ``gm`` (arrays or shape structs) fit method.md §1."""
     means, logweights, logstds = (tuple(np.shape(a)) if not hasattr(a, "shape") else tuple(a.shape) for a in gm)
     if len(means) < 2:
         raise ValueError(f"GM means must have shape (*B, K, C); got {means}.")
@@ -103,7 +103,7 @@ def gm_mean(gm: GM) -> Array:
 
 
 def gm_to_iso_gaussian(gm: GM) -> Gaussian:
-    """Isotropic moment match: mean (*B, C), var (*B, 1) (spec §2)."""
+    """Isotropic moment match: mean (*B, C), var (*B, 1) (method.md §2)."""
     gm = as_float32(gm)
     w = jax.nn.softmax(gm.logweights, axis=-1)
     mean = jnp.einsum("...k,...kc->...c", w, gm.means)
@@ -123,7 +123,7 @@ def iso_gaussian_mul_iso_gaussian(g1: Gaussian, g2: Gaussian, p1: float = 1.0, p
 
 
 def gm_mul_iso_gaussian(gm: GM, g: Gaussian, gm_power: float = 1.0, g_power: float = 1.0) -> GM:
-    """Renormalised product of ``gm^gm_power`` and ``g^g_power`` (spec §2), a GM."""
+    """Renormalised product of ``gm^gm_power`` and ``g^g_power`` (method.md §2), a GM."""
     gm, g = as_float32(gm), _gaussian_f32(g)
     ratio = g_power / gm_power
     var = g.var[..., None]  # (*B, 1, 1)
@@ -160,7 +160,7 @@ def gm_sample(key: Array, gm: GM) -> Array:
     return mu + jnp.exp(gm.logstds[..., 0]) * z
 
 
-# --- Knothe-Rosenblatt transport (spec §3) -------------------------------------------
+# --- Knothe-Rosenblatt transport (method.md §3) -------------------------------------------
 
 
 def _kr_frame(gm: GM) -> Array:
@@ -233,7 +233,7 @@ def standard_normal_to_gm(gm: GM, z: Array, newton_steps: int = 16) -> Array:
     return jnp.einsum("...d,...cd->...c", y, q)
 
 
-# --- Spectral transform and spectral sampling (spec §4) --------------------------------
+# --- Spectral transform and spectral sampling (method.md §4) --------------------------------
 
 
 def spectral_transform(x: Array) -> Array:

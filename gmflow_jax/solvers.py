@@ -1,5 +1,5 @@
-"""Samplers (spec §7): GM-SDE / GM-ODE (1st and 2nd order) with probabilistic guidance,
-and the baselines Euler, DDPM and DPM-Solver++(2M) with vanilla CFG.
+"""Samplers (docs/method.md §7): GM-SDE / GM-ODE (1st and 2nd order) with probabilistic guidance,
+and the baselines Euler, DDPM and DPM-Solver++(2M) with classifier-free guidance (CFG).
 
 Everything is one ``jax.lax.scan`` over the steps; jit it with the configuration
 (``solver``, ``order``, ``num_steps``, ``num_substeps``, ``denoise_fn``...) static.
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gmflow_jax.flow import convert_denoising_gm, per_sample, transition_coefs, u_to_x0
+from gmflow_jax.flow import convert_denoising_gm, per_sample, to_tau, transition_coefs, u_to_x0
 from gmflow_jax.gm import (
     GM,
     Gaussian,
@@ -34,7 +34,13 @@ DenoiseFn = Callable[[Array, Array, Array | None], GM]
 
 GM_SOLVERS = ("gm-ode", "gm-sde")
 BASELINE_SOLVERS = ("euler", "ddpm", "dpmpp-2m")
+SOLVERS = GM_SOLVERS + BASELINE_SOLVERS
 EPS = 1e-6
+
+
+def default_orthogonal(solver: str) -> float:
+    """The default ``orthogonal``: 1 (orthogonal probabilistic guidance) for GM solvers, 0 (plain CFG) for baselines."""
+    return 1.0 if solver in GM_SOLVERS else 0.0
 
 
 def time_grid(num_points: int, shift: float = 1.0) -> Array:
@@ -63,27 +69,39 @@ def _concrete(value) -> np.ndarray | None:
         return None
 
 
-def _validate(noise, labels, solver, order, num_steps, num_substeps, guidance, null_label, spectrum_fn):
-    if solver not in GM_SOLVERS + BASELINE_SOLVERS:
-        raise ValueError(f"solver must be one of {GM_SOLVERS + BASELINE_SOLVERS}; got {solver!r}.")
-    if not isinstance(num_steps, int | np.integer) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}.")
-    if not isinstance(num_substeps, int | np.integer) or num_substeps < 1:
-        raise ValueError(f"num_substeps must be an integer >= 1; got {num_substeps!r}.")
-    if order not in (1, 2):
+def _is_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_settings(solver, order, num_steps, num_substeps, guidance=None) -> np.ndarray | None:
+    """``ValueError`` naming the argument for a bad solver setting; returns ``guidance`` as float64 NumPy
+    when it is known at trace time (None when traced or not given)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
+    for name, value in (("num_steps", num_steps), ("num_substeps", num_substeps)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+    if not _is_int(order) or order not in (1, 2):
         raise ValueError(f"order must be 1 or 2; got {order!r}.")
     if solver != "gm-ode" and num_substeps != 1:
         raise ValueError(f"num_substeps must be 1 for solver {solver!r} (only 'gm-ode' has sub-steps).")
+    g = None if guidance is None else _concrete(guidance)
+    if g is not None and not np.all(np.isfinite(g)):
+        raise ValueError(f"guidance must be finite; got {g}.")
+    if g is not None and solver in GM_SOLVERS and not np.all((g >= 0.0) & (g < 1.0)):
+        raise ValueError(f"guidance for {solver!r} is the probabilistic w̃ and must lie in [0, 1); got {g}.")
+    if g is not None and solver in BASELINE_SOLVERS and not np.all(g >= 0.0):
+        raise ValueError(f"guidance for {solver!r} is the CFG scale w and must be >= 0; got {g}.")
+    return g
+
+
+def _validate(noise, labels, solver, order, num_steps, num_substeps, guidance, null_label, spectrum_fn):
+    g = check_settings(solver, order, num_steps, num_substeps, guidance)
     if noise.ndim < 2:
         raise ValueError(f"noise must have shape (N, ..., C); got {noise.shape}.")
     n = noise.shape[0]
-    g = _concrete(guidance)
     if jnp.ndim(guidance) not in (0, 1) or (jnp.ndim(guidance) == 1 and jnp.shape(guidance)[0] != n):
         raise ValueError(f"guidance must be a scalar or of shape (N,) = ({n},); got shape {jnp.shape(guidance)}.")
-    if g is not None and solver in GM_SOLVERS and not np.all((g >= 0.0) & (g < 1.0)):
-        raise ValueError(f"guidance for GM solvers is the probabilistic w̃ and must lie in [0, 1); got {g}.")
-    if g is not None and solver in BASELINE_SOLVERS and not np.all(g >= 0.0):
-        raise ValueError(f"guidance for baseline solvers is the CFG scale w and must be >= 0; got {g}.")
     guided = g is None or bool(np.any(g != 0.0))
     if guided and (labels is None or null_label is None):
         raise ValueError("guidance needs both labels (N,) and null_label (the index of the null class).")
@@ -123,7 +141,7 @@ class _Denoiser:
             labels = jnp.concatenate([self.labels, jnp.full_like(self.labels, self.null_label)])
         else:
             x_in, labels = x, self.labels
-        tau = jnp.full((x_in.shape[0],), 1000.0 * sigma, jnp.float32)
+        tau = jnp.full((x_in.shape[0],), to_tau(sigma), jnp.float32)
         gm_u = as_float32(self.fn(x_in, tau, labels))
         gm_u = gm_u._replace(logstds=jnp.broadcast_to(gm_u.logstds, gm_u.means.shape[:-2] + (1, 1)))
         gm = u_to_x0(gm_u, x_in, sigma)
@@ -133,7 +151,7 @@ class _Denoiser:
 
 
 def probabilistic_guidance(gm_c: GM, gm_u: GM, w: Array, orthogonal) -> tuple[GM, Gaussian, Gaussian, Array]:
-    """Spec §7 step 2. Returns (guided GM, G*, G_c with per-sample var, the bias Δ)."""
+    """method.md §7.2. Returns (guided GM, G*, G_c with per-sample var, the bias Δ)."""
     mu_u = gm_mean(gm_u)
     iso = gm_to_iso_gaussian(gm_c)
     g_c = Gaussian(iso.mean, _pixel_mean(iso.var))
@@ -145,7 +163,7 @@ def probabilistic_guidance(gm_c: GM, gm_u: GM, w: Array, orthogonal) -> tuple[GM
 
 
 def _second_order(gm_now, base_gm, base_g, delta, prev, x, sigma, h, w):
-    """Spec §7 step 3: the GM and G after the second-order correction."""
+    """method.md §7.3: the GM and G after the second-order correction."""
     prev_gm, prev_x, prev_sigma, prev_h = prev
     mu_prev = gm_mean(convert_denoising_gm(prev_gm, prev_x, prev_sigma, x, sigma))
     vbar = base_g.var
@@ -218,11 +236,16 @@ def _gm_solver(denoiser, x, key, sigmas, *, sde, order, num_steps, num_substeps,
     return x
 
 
-def _cfg_mean(gm_c: GM, gm_u: GM | None, w, orthogonal) -> Array:
+def cfg_x0(x: Array, sigma, gm_c: GM, gm_u: GM | None, w, orthogonal) -> Array:
+    """Classifier-free guidance on the velocity, as the authors' baselines (method.md §7.5): the x0 mean
+    ``x − σ (u_c + (w − 1) b)`` with the bias ``b = u_c − u_u`` minus ``orthogonal`` times its component
+    along the conditional velocity mean ``u_c`` (per sample). ``w = 0`` is no guidance, like ``w = 1``."""
     mu_c = gm_mean(gm_c)
     if gm_u is None:
         return mu_c
-    return mu_c + (w - 1.0) * _project_out(mu_c - gm_mean(gm_u), mu_c, orthogonal)
+    u_c, u_u = (x - mu_c) / sigma, (x - gm_mean(gm_u)) / sigma
+    bias = _project_out(u_c - u_u, u_c, orthogonal)
+    return mu_c - sigma * jnp.where(w == 0.0, 0.0, w - 1.0) * bias
 
 
 def _baseline_solver(denoiser, x, key, sigmas, *, solver, num_steps, w, orthogonal, ddpm_variance):
@@ -233,7 +256,7 @@ def _baseline_solver(denoiser, x, key, sigmas, *, solver, num_steps, w, orthogon
         x, prev_x0, prev_h = carry
         i, sig_a, sig_b = xs
         gm_c, gm_u = denoiser(x, sig_a)
-        x0 = _cfg_mean(gm_c, gm_u, w, orthogonal)
+        x0 = cfg_x0(x, sig_a, gm_c, gm_u, w, orthogonal)
         h = log_snr(sig_b) - log_snr(sig_a)
         if solver == "euler":
             x_new = x + (sig_b - sig_a) * (x - x0) / sig_a
@@ -269,7 +292,7 @@ def sample(
     num_steps: int = 8,
     num_substeps: int = 1,
     guidance=0.0,
-    orthogonal: float = 1.0,
+    orthogonal=None,
     null_label: int | None = None,
     shift: float = 1.0,
     spectrum_fn: Callable[[Gaussian], Array] | None = None,
@@ -280,12 +303,17 @@ def sample(
     ``denoise_fn(x_t, tau, labels) -> GM`` over u, with ``tau = 1000 σ`` of shape (N,).
     ``guidance``: probabilistic ``w̃ ∈ [0, 1)`` for 'gm-ode'/'gm-sde', the CFG scale
     ``w`` for 'euler'/'ddpm'/'dpmpp-2m'; 0 switches guidance off (the network then runs
-    once per step). ``order`` applies to GM solvers, ``num_substeps`` to 'gm-ode',
+    once per step). ``orthogonal`` (traceable, in [0, 1]) scales the projection of the guidance bias:
+    for GM solvers off the conditional x0 mean (§7.2), for baselines off the conditional velocity
+    mean (§7.5); None takes ``default_orthogonal(solver)`` (1 for GM solvers, 0 = plain CFG for
+    baselines, as the authors'). ``order`` applies to GM solvers, ``num_substeps`` to 'gm-ode',
     ``spectrum_fn(G) -> log spectrum (N, H, W, C)`` to 'gm-sde' on images,
     ``ddpm_variance`` ('small' or 'large') to 'ddpm'.
     """
     noise = jnp.asarray(noise)
     guided = _validate(noise, labels, solver, order, num_steps, num_substeps, guidance, null_label, spectrum_fn)
+    if orthogonal is None:
+        orthogonal = default_orthogonal(solver)
     if ddpm_variance not in ("small", "large"):
         raise ValueError(f"ddpm_variance must be 'small' or 'large'; got {ddpm_variance!r}.")
     k = _check_denoiser_output(denoise_fn, noise, labels, guided, null_label)

@@ -59,7 +59,7 @@ def official() -> dict[str, np.ndarray]:
 def make_gm():
     """``make_gm(rng, batch, k, c, spread=1.5, logstd=(-1, 0))`` -> (means, logweights, logstds) float64.
 
-    ``logstds`` has one value per first batch index, shape (N, 1, .., 1, 1) (spec §1).
+    ``logstds`` has one value per first batch index, shape (N, 1, .., 1, 1) (method.md §1).
     """
 
     def _make(rng, batch, k, c, spread=1.5, logstd=(-1.0, 0.0)):

@@ -1,4 +1,4 @@
-"""Flax NNX networks: GM-DiT (spec §8) and the SpectrumMLP (spec §4)."""
+"""Flax NNX networks: GM-DiT (method.md §8) and the SpectrumMLP (method.md §4)."""
 
 from gmflow_jax.models.gmdit import GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP

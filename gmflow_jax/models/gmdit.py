@@ -1,4 +1,4 @@
-"""GM-DiT: a DiT trunk whose head predicts a Gaussian mixture over the velocity u (spec §8).
+"""GM-DiT: a DiT trunk whose head predicts a Gaussian mixture over the velocity u (method.md §8).
 
 Channel-last throughout: ``x (N, H, W, C)``, ``tau (N,)`` (= 1000·t), ``labels (N,)`` int in
 ``[0, num_classes]`` (``num_classes`` is the null class) -> ``GM(means (N, H, W, K, C),
@@ -199,7 +199,7 @@ _apply_block_remat = nnx.remat(_apply_block)
 
 
 class GMDiT(nnx.Module):
-    """DiT trunk with a GM head over the velocity u (spec §8); see the module docstring for I/O."""
+    """DiT trunk with a GM head over the velocity u (method.md §8); see the module docstring for I/O."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""SpectrumMLP (spec §4): per-sample Gaussian statistics -> log power spectrum L (N, H, W, C).
+"""SpectrumMLP (method.md §4): per-sample Gaussian statistics -> log power spectrum L (N, H, W, C).
 
 An instance is the ``spectrum_fn(gaussian) -> L`` that ``solvers.sample`` and
 ``losses.spectral_loss`` take. Parameters are float32 and replicated (logical axis names

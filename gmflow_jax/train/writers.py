@@ -11,7 +11,6 @@ module first (only when TensorFlow is missing), after which clu's own ``MetricWr
 from __future__ import annotations
 
 import importlib.util
-import logging as py_logging
 import sys
 import types
 from collections.abc import Mapping
@@ -21,14 +20,13 @@ import numpy as np
 from absl import logging
 
 _TF_WRITER_MODULE = "clu.metric_writers.summary_writer"
-_QUIET_PATHS = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
 
 
 def import_clu() -> tuple[types.ModuleType, types.ModuleType]:
     """``(clu.metric_writers, clu.periodic_actions)``, importable with or without TensorFlow."""
     if "clu.metric_writers" not in sys.modules and importlib.util.find_spec("tensorflow") is None:
         stub = types.ModuleType(_TF_WRITER_MODULE)
-        stub.__doc__ = "Placeholder installed by gmflow_jax.logging_utils: TensorFlow is not installed."
+        stub.__doc__ = "Placeholder installed by gmflow_jax.train.writers: TensorFlow is not installed."
         stub.SummaryWriter = None  # replaced by TensorBoardXWriter below
         sys.modules[_TF_WRITER_MODULE] = stub
     from clu import metric_writers, periodic_actions
@@ -102,21 +100,14 @@ def create_writer(logdir: str, *, primary: bool = True) -> Any:
     metric_writers, _ = import_clu()
     if not primary:
         return metric_writers.MultiWriter([])
-    return metric_writers.MultiWriter([metric_writers.LoggingWriter(), metric_writers.SummaryWriter(logdir)])
+    return metric_writers.MultiWriter([_console_writer(metric_writers), metric_writers.SummaryWriter(logdir)])
 
 
-class _LibraryInfoFilter(py_logging.Filter):
-    """Drops INFO/DEBUG absl records emitted from chatty libraries (orbax, grain, TFDS, backend probing)."""
+def _console_writer(metric_writers: types.ModuleType) -> Any:
+    """clu's ``LoggingWriter``, with hyperparameters logged one per line (not as one long line)."""
 
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        if record.levelno >= py_logging.WARNING:
-            return True
-        path = record.pathname.replace("\\", "/")
-        return not any(p in path for p in _QUIET_PATHS)
+    class ConsoleWriter(metric_writers.LoggingWriter):
+        def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+            logging.info("hyperparameters:\n%s", "\n".join(f"  {k} = {v}" for k, v in sorted(hparams.items())))
 
-
-def quiet_library_logs() -> None:
-    """Keeps the console to the trainer's own lines and the libraries' warnings (idempotent)."""
-    absl_logger = py_logging.getLogger("absl")
-    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
-        absl_logger.addFilter(_LibraryInfoFilter())
+    return ConsoleWriter()

@@ -1,4 +1,4 @@
-"""Moves between time levels (spec §6) against the exact posteriors of a GM data distribution.
+"""Moves between time levels (method.md §6) against the exact posteriors of a GM data distribution.
 
 The oracle (conftest ``GMData``) is itself checked here against brute-force Bayes on a
 grid, so the chain "definition -> oracle -> library" has no shared formula.
@@ -139,7 +139,7 @@ def test_reverse_transition_is_exact_posterior(gm_data, noisy_points, ratio):
     m0, lw0, s0 = gm_data.posterior(x_t, t)
     got = reverse_transition(GM(m0, lw0, np.log(s0)[:, None, None]), x_t, t, t_to)
     means, logweights, std = gm_data.posterior(x_t, t, t_to)
-    if ratio == 0.0:  # c3 = 0 is clamped to 1e-6 (spec §6): the std is sqrt(s² + 1e-6)
+    if ratio == 0.0:  # c3 = 0 is clamped to 1e-6 (method.md §6): the std is sqrt(s² + 1e-6)
         std = np.sqrt(std**2 + 1e-6)
     _assert_same_gm(got, means, logweights, std)
 

@@ -7,20 +7,17 @@ devices set through ``XLA_FLAGS`` in the child's environment.
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import signal
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 from train_helpers import (
-    CHECKERBOARD,
-    DIGITS,
+    DIT,
     DIT_FLAGS,
+    TOY,
     TOY_FLAGS,
     checkpoint_steps,
     flat,
@@ -39,11 +36,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def toy(workdir, data_dir, *flags):
-    return train_cmd(CHECKERBOARD, workdir, data_dir, *TOY_FLAGS, *flags)
+    return train_cmd(TOY, workdir, data_dir, *TOY_FLAGS, *flags)
 
 
 def dit(workdir, data_dir, *flags):
-    return train_cmd(DIGITS, workdir, data_dir, *DIT_FLAGS, *flags)
+    return train_cmd(DIT, workdir, data_dir, *DIT_FLAGS, *flags)
 
 
 def ok(result) -> str:
@@ -67,83 +64,6 @@ def assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 2e-4, atol
             assert np.array_equal(fa[k], fb[k]), k
         else:
             np.testing.assert_allclose(fa[k], fb[k], rtol=rtol, atol=atol, err_msg=k)
-
-
-# --- in-process unit checks ------------------------------------------------------------
-
-
-def test_logical_rules_to_mesh_specs():
-    from gmflow_jax.sharding import logical_to_mesh_spec
-
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-    rules = {"embed": "fsdp", "mlp": None}
-    assert logical_to_mesh_spec(P("embed", "mlp"), (32, 64), rules, mesh) == P("fsdp")
-    assert logical_to_mesh_spec(P("mlp", "embed"), (64, 32), rules, mesh) == P(None, "fsdp")
-    assert logical_to_mesh_spec(P("embed", "embed"), (32, 32), rules, mesh) == P("fsdp")  # an axis is used once
-    with pytest.raises(ValueError, match="logical axis 'vocab'"):
-        logical_to_mesh_spec(P("vocab"), (11,), rules, mesh)
-
-
-def test_ema_formula_and_warmup():
-    import ml_collections
-
-    from gmflow_jax.train_state import ema_beta, make_optimizer
-
-    beta = float(ema_beta(9, 256, 30e6, 0.05))  # images_seen = 2560, ema_nimg = 128
-    assert beta == pytest.approx(0.5 ** (256 / 128))
-    assert float(ema_beta(10**9, 4096, 30e6, 0.05)) == pytest.approx(0.5 ** (4096 / 30e6))
-    ocfg = ml_collections.ConfigDict(
-        dict(
-            lr=2e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05, warmup_steps=1000, warmup_init_factor=1e-3,
-            decay_steps=0, final_lr_factor=0.01, clip_norm=10.0, clip_start=1000,
-        )
-    )  # fmt: skip
-    _, schedule = make_optimizer(ocfg)
-    assert float(schedule(0)) == pytest.approx(2e-7, rel=1e-5)
-    assert float(schedule(500)) == pytest.approx(2e-4 * (1e-3 + 0.5 * (1 - 1e-3)), rel=1e-5)
-    assert float(schedule(5000)) == pytest.approx(2e-4, rel=1e-5)
-    # cosine decay after the warm-up: lr (f + (1 − f)(1 + cos(π k / K)) / 2), k steps after the warm-up
-    ocfg.decay_steps = 4000
-    _, schedule = make_optimizer(ocfg)
-    for k in (0, 1000, 2000, 4000, 6000):
-        expected = 2e-4 * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(k, 4000) / 4000)))
-        assert float(schedule(1000 + k)) == pytest.approx(expected, rel=1e-5)
-
-
-def test_clipping_starts_at_clip_start_and_no_decay_on_biases():
-    import jax.numpy as jnp
-
-    from gmflow_jax.train_state import clip_by_global_norm_from, decay_mask
-
-    tx = clip_by_global_norm_from(1.0, 2)
-    g = {"w": jnp.full((4,), 10.0)}
-    s = tx.init(g)
-    for step in range(3):
-        u, s = tx.update(g, s)
-        norm = float(jnp.linalg.norm(u["w"]))
-        assert norm == pytest.approx(20.0 if step < 2 else 1.0, rel=1e-5)
-    mask = decay_mask({"net": {"fc": {"kernel": 0, "bias": 0}, "emb": {"embedding": 0}}})
-    assert mask == {"net": {"fc": {"kernel": True, "bias": False}, "emb": {"embedding": True}}}
-
-
-def test_train_function_in_process(tmp_path, data_dir):
-    """``train(config, workdir)`` is a library call (Colab): returns the final state, writes the run."""
-    from test_configs import load
-
-    from gmflow_jax.train import train
-
-    c = load("checkerboard_k64")
-    c.data.dataset, c.data.data_dir = "checkerboard/64k", str(data_dir)
-    c.model.hidden, c.model.num_layers, c.model.num_freqs = 16, 1, 2
-    c.batch_size, c.num_steps = 32, 4
-    c.log.sample_every_steps, c.log.sample_points = 4, 256
-    state = train(c, str(tmp_path))
-    assert int(state.step) == 4
-    assert checkpoint_steps(tmp_path) == [4]
-    assert (tmp_path / "samples" / "step_00000004.png").exists()
-    np.testing.assert_array_equal(
-        flat(load_state(tmp_path)["params"])["['net']['head']['bias']"], state.params["net"]["head"]["bias"]
-    )
 
 
 # --- configuration errors stop before compiling ----------------------------------------

@@ -2,9 +2,10 @@
 
     python -m gmflow_jax.demo --workdir results/digits_demo
 
-1. Trains ``configs/digits_gmdit.py`` (0.76M-parameter GM-DiT, K = 8, with SpectrumMLP, on the
+1. Trains the ``digits_gmdit`` config (0.76M-parameter GM-DiT, K = 8, with SpectrumMLP, on the
    1797 8×8 scikit-learn digits; about 6 minutes on 2 CPU cores) through ``gmflow_jax.train``,
-   resuming from the workdir's checkpoint if there is one.
+   resuming from the workdir's checkpoint if there is one (``train_config='digits_gmdit:tiny'``:
+   the tests' tiny model).
 2. Loads the final checkpoint with ``Sampler.from_checkpoint`` (EMA weights) and draws
    ``--eval_per_class`` samples per class with GM-ODE 2 and GM-SDE 2 at 8 steps, each without
    guidance and with orthogonal probabilistic guidance ``w̃ = --guidance`` (default 0.3: enough
@@ -21,29 +22,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "digits_gmdit.py")
+CONFIG = "digits_gmdit"
 GRID_PER_CLASS = 8
 SEED = 2024
-
-
-def load_config(path: str = CONFIG) -> Any:
-    """``get_config()`` of a config file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gmflow_demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 # --- measurements ---------------------------------------------------------------------------
@@ -136,29 +124,24 @@ def save_overview(panels: list[tuple[str, np.ndarray]], table: str, path: str) -
 # --- the demo -------------------------------------------------------------------------------
 
 
-def train_model(workdir: str, data_dir: str, train_steps: int | None) -> dict[str, Any]:
+def train_model(workdir: str, data_dir: str, train_steps: int | None, config_name: str = CONFIG) -> dict[str, Any]:
     """Trains (or resumes) the digits GM-DiT in ``workdir``; returns the training numbers."""
-    from absl import flags, logging
+    from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps
+    from gmflow_jax.train import train
+    from gmflow_jax.train.config import load_config
 
-    from gmflow_jax import train
-    from gmflow_jax.sampling import available_steps
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()  # absl logging without absl.app; the trainer's flags are unused here
-    logging.use_absl_handler()
-    logging.set_verbosity(logging.INFO)
-    config = load_config()
+    config = load_config(config_name)
     config.data.data_dir = data_dir
     if train_steps is not None:
         config.num_steps = train_steps
-    start = max(available_steps(workdir), default=0)
-    print(f"[demo] training {CONFIG} for {config.num_steps} steps in {workdir} (from step {start})", flush=True)
+    start = max(list_steps(os.path.join(workdir, CHECKPOINT_DIR)), default=0)
+    print(f"[demo] training {config_name} for {config.num_steps} steps in {workdir} (from step {start})", flush=True)
     t0 = time.time()
-    state = train.train(config, workdir)
+    state = train(config, workdir)
     wall = time.time() - t0
     end = int(np.asarray(state.step))
     return {
-        "config": os.path.relpath(CONFIG, ROOT),
+        "config": config_name,
         "num_steps": int(config.num_steps),
         "batch_size": int(config.batch_size),
         "start_step": int(start),
@@ -176,15 +159,16 @@ def run_demo(
     eval_per_class: int = 100,
     num_steps: int = 8,
     train_steps: int | None = None,
+    train_config: str = CONFIG,
 ) -> dict[str, Any]:
     """Trains, samples, measures and draws (see the module docstring); returns the metrics dict."""
     from gmflow_jax.data import digits_arrays
-    from gmflow_jax.preview import render
-    from gmflow_jax.sampling import Sampler, save_grid_png
+    from gmflow_jax.sampling import Sampler
+    from gmflow_jax.viz import render, save_grid_png
 
     workdir = os.path.abspath(workdir)
     t_demo = time.time()
-    training = train_model(workdir, data_dir, train_steps)
+    training = train_model(workdir, data_dir, train_steps, train_config)
     training["wall_s_total"] = round(training["wall_s_this_run"] + _earlier_training_s(workdir, training), 1)
 
     t0 = time.time()
@@ -236,7 +220,8 @@ def run_demo(
         "training": training,
         "checkpoint": {"path": sampler.path, "step": sampler.step, "ema": True, "load_s": round(load_s, 2)},
         "guidance_note": (
-            f"w̃={guidance:g}: orthogonal probabilistic guidance (spec §7); w̃=0 is the plain conditional model"
+            f"w̃={guidance:g}: orthogonal probabilistic guidance (docs/method.md §7.2); "
+            "w̃=0 is the plain conditional model"
         ),
         "classifier": "sklearn LogisticRegression on the 64 pixels of real digits (75% split, max_iter=3000)",
         "real": real_stats,
@@ -293,30 +278,3 @@ def _table(metrics: dict[str, Any]) -> str:
         f"s: seconds for {m['num_samples']} samples (warm)",
     ]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gmflow_jax.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default=os.path.join("results", "digits_demo"))
-    ap.add_argument("--data_dir", default="", help="TFDS directory ('': $GMFLOW_DATA_DIR or ~/tensorflow_datasets)")
-    ap.add_argument("--guidance", type=float, default=0.3, help="probabilistic guidance w̃ of the guided settings")
-    ap.add_argument("--eval_per_class", type=int, default=100, help="samples per class for the measurements")
-    ap.add_argument("--steps", type=int, default=8, help="sampling steps")
-    ap.add_argument("--train_steps", type=int, default=None, help="override the config's training steps")
-    args = ap.parse_args(argv)
-    if not 0.0 < args.guidance < 1.0:
-        print(f"gmflow_jax.demo: error: --guidance must lie in (0, 1); got {args.guidance}", file=sys.stderr)
-        return 2
-    run_demo(
-        args.workdir,
-        data_dir=args.data_dir,
-        guidance=args.guidance,
-        eval_per_class=args.eval_per_class,
-        num_steps=args.steps,
-        train_steps=args.train_steps,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

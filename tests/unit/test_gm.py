@@ -1,4 +1,4 @@
-"""GM / Gaussian algebra, sampling, KR transport and the spectral transform (spec §2-4).
+"""GM / Gaussian algebra, sampling, KR transport and the spectral transform (method.md §2–4).
 
 References are float64 NumPy/SciPy (see conftest.py): scipy.stats densities and CDFs,
 quadrature on grids, Monte-Carlo with stated tolerances, np.fft, and the authors'

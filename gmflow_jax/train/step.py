@@ -1,4 +1,4 @@
-"""The loss (spec §5) and the pure train step ``(state, batch) -> (state, metrics)``.
+"""The loss (docs/method.md §5) and the pure train step ``(state, batch) -> (state, metrics)``.
 
 Randomness comes only from ``fold_in(state.rng, state.step)``, so the step is a deterministic
 function of its inputs and a resumed run repeats an uninterrupted one exactly.
@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
-from gmflow_jax.train_state import Params, TrainState, ema_beta, ema_update
+from gmflow_jax.train.state import Params, TrainState, ema_beta, ema_update
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -40,13 +41,12 @@ def loss_fn(graphdef: nnx.GraphDef, params: Params, batch: Batch, key: jax.Array
     terms: dict[str, jax.Array] = {}
     if lcfg.objective == "l2":
         eps = jax.random.normal(k_x, x0.shape, jnp.float32)
-        tb = t.reshape((n,) + (1,) * (x0.ndim - 1))
-        x_t = (1.0 - tb) * x0 + tb * eps
-        gm_u = model.net(x_t, 1000.0 * t, labels)
+        x_t = diffuse(x0, eps, t)
+        gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_l2"] = lcfg.weight * jnp.mean(l2_flow_loss(gm_u.means[..., 0, :], eps - x0))
     else:
         x_t, x_lo, t_lo = transition_pair(k_x, x0, t, lcfg.trans_ratio)
-        gm_u = model.net(x_t, 1000.0 * t, labels)
+        gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_trans"] = lcfg.weight * jnp.mean(transition_nll(gm_u, x_t, t, x_lo, t_lo))
         if model.spectrum is not None and lcfg.spectral_weight > 0:
             spec = spectral_loss(gm_u, x_t, x0, t, model.spectrum)

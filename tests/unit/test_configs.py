@@ -1,31 +1,48 @@
-"""The experiment configs load, lock and validate; bad values are refused with the field named."""
+"""The config loader (``load_config``) and the experiment configs: they load, lock and validate; bad values
+are refused with the field named."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-from gmflow_jax.train_config import validate_config
+from gmflow_jax.train.config import load_config, packaged_configs, validate_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def load(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(arg)
-    config.lock()
-    return config
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+load = load_config
 
 
 @pytest.mark.parametrize(
-    "name,arg", [("digits_gmdit", None), ("checkerboard_k64", None), ("checkerboard_k64", "baseline")]
+    "name,arg",
+    [
+        ("digits_gmdit", None),
+        ("digits_gmdit", "tiny"),
+        ("checkerboard_k64", None),
+        ("checkerboard_k64", "baseline"),
+        ("checkerboard_k64", "tiny"),
+    ],
 )
 def test_configs_validate(name, arg):
     validate_config(load(name, arg))
+
+
+def test_load_config_by_name_path_and_arg(tmp_path):
+    assert packaged_configs() == sorted(p.stem for p in CONFIGS.glob("[!_]*.py"))
+    by_name = load_config("checkerboard_k64", "baseline")
+    assert load_config("checkerboard_k64:baseline").to_dict() == by_name.to_dict()
+    assert load_config(str(CONFIGS / "checkerboard_k64.py") + ":baseline").to_dict() == by_name.to_dict()
+    assert load_config("digits_gmdit:tiny").model.hidden_size == 32
+    own = tmp_path / "mine.py"
+    own.write_text(
+        "from gmflow_jax.train.config import base_config\n\n"
+        "def get_config(arg=None):\n    c = base_config()\n    c.seed = int(arg or 0)\n    return c\n"
+    )
+    assert load_config(f"{own}:7").seed == 7
+    with pytest.raises(ValueError, match=r"config 'digit_gmdit' is neither .* expected one of \['checkerboard_k64'"):
+        load_config("digit_gmdit")
+    with pytest.raises(ValueError, match=r"config file 'nowhere/x\.py' does not exist"):
+        load_config("nowhere/x.py")
 
 
 def test_checkerboard_variants():
@@ -53,7 +70,7 @@ def test_imagenet_recipe_and_missing_dataset():
         validate_config(c)
 
 
-def test_locked_config_refuses_typos():
+def test_loaded_config_is_locked_against_typos():
     c = load("digits_gmdit")
     with pytest.raises(AttributeError, match="num_steps"):
         c.num_stepz = 3
@@ -89,14 +106,3 @@ def test_l2_objective_needs_single_fixed_std_component():
     c.loss.objective = "l2"
     with pytest.raises(ValueError, match=r"config\.model must be num_gaussians=1"):
         validate_config(c)
-
-
-def test_mesh_resolution():
-    from gmflow_jax.sharding import resolve_mesh_shape
-
-    assert resolve_mesh_shape((-1, 1), 8) == (8, 1)
-    assert resolve_mesh_shape((2, -1), 8) == (2, 4)
-    with pytest.raises(ValueError, match=r"config\.mesh=\(3, 1\) needs 3 devices but this run has 8"):
-        resolve_mesh_shape((3, 1), 8)
-    with pytest.raises(ValueError, match=r"config\.mesh=\(3, -1\)"):
-        resolve_mesh_shape((3, -1), 8)

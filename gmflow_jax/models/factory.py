@@ -4,7 +4,7 @@
 
 * ``'gmdit'``: ``GMDiT`` on images ``(N, H, W, C)``; ``arch`` a standard size (``'XL/2'``) or ``''``
   for explicit ``hidden_size / depth / num_heads / patch_size``; ``spectrum=True`` adds a
-  ``SpectrumMLP`` trained jointly (spec §5).
+  ``SpectrumMLP`` trained jointly (docs/method.md §4–5).
 * ``'toy'``: ``ToyGMFlow`` on 2-D points ``(N, 2)``; ``num_gaussians=1, learn_std=False`` is the
   flow-matching baseline.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -79,3 +80,11 @@ def build_model(mcfg: Any, rngs: nnx.Rngs) -> GMFlowModel:
     if mcfg.spectrum:
         spectrum = SpectrumMLP(channels=mcfg.in_channels, base_size=tuple(mcfg.spectrum_base_size), rngs=rngs)
     return GMFlowModel(net, spectrum)
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, Param state)``; ``ValueError`` if the model holds other mutable state."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the model holds non-parameter state the trainer does not handle: {rest}")
+    return graphdef, params

@@ -1,6 +1,9 @@
-"""The trainer's config schema (``base_config``) and its validation (``validate_config``).
+"""The trainer's config: schema (``base_config``), validation (``validate_config``) and loading.
 
-Every experiment file in ``configs/`` starts from ``base_config()`` and changes values. Fields:
+``load_config(path_or_name, arg)`` is the one way configs are read (trainer, demo, bench, tests):
+a packaged experiment by name (``'digits_gmdit'``, the files of the repository's ``configs/``,
+installed as ``gmflow_jax.configs``) or any file path, with ``get_config(arg)``. Every experiment
+file starts from ``base_config()`` and changes values. Fields:
 
 * ``seed``, ``num_steps``, ``batch_size`` (global), ``mesh = (data, fsdp)`` (one may be -1),
   ``sharding``: logical axis name → mesh axis (``''`` replicated), ``init_from``: a checkpoint
@@ -9,9 +12,9 @@ Every experiment file in ``configs/`` starts from ``base_config()`` and changes 
   ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``), ``read``: ``'per_process'`` (each process
   reads its own shard) or ``'global'`` (every process reads the whole global batch and keeps its
   rows: the stream is then independent of the process layout) or ``'device'`` (small datasets:
-  held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.train_data``),
+  held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.data.device``),
   ``worker_count``, ``prefetch``.
-* ``model``: see ``gmflow_jax.model_builder``.
+* ``model``: see ``gmflow_jax.models.factory``.
 * ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
   ``t_mode`` ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``,
   ``label_dropout``.
@@ -19,7 +22,7 @@ Every experiment file in ``configs/`` starts from ``base_config()`` and changes 
   ``warmup_steps`` (linear from ``warmup_init_factor × lr``), then constant or, with
   ``decay_steps > 0``, cosine decay to ``final_lr_factor × lr``; ``clip_norm`` (0: off) applied
   from step ``clip_start`` on.
-* ``ema``: ``max_nimg``, ``ratio`` (spec §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
+* ``ema``: ``max_nimg``, ``ratio`` (method.md §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
 * ``checkpoint``: ``every_steps``, ``keep``, ``async_save``, ``preemption_check_every``
   (multi-process runs agree on a stop signal every that many steps).
 * ``log``: ``every_steps`` (scalars), ``progress_every_steps``, ``sample_every_steps`` (0: off),
@@ -31,17 +34,22 @@ Every experiment file in ``configs/`` starts from ``base_config()`` and changes 
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import pkgutil
 from typing import Any
 
 import ml_collections
 
-from gmflow_jax.model_builder import MODEL_KINDS
+from gmflow_jax.models.factory import MODEL_KINDS
+
+CONFIG_PACKAGE = "gmflow_jax.configs"
 
 # Logical axis names used by the models (gmflow_jax.models.gmdit.LOGICAL_AXES).
 LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "vocab", "patch", "freq", "out")
 LATER_DATASETS = {
-    "imagenet_latents": "the ImageNet 256² VAE-latent dataset (32×32×4, spec §9) is added by a later issue "
+    "imagenet_latents": "the ImageNet 256² VAE-latent dataset (32×32×4, method.md §9) is added by a later issue "
     "(its TFDS builder does not exist yet); until then this config cannot run. Train on 'digits' "
     "(configs/digits_gmdit.py) or 'checkerboard' instead.",
 }
@@ -155,6 +163,70 @@ def toy_model_config(num_gaussians: int = 64, learn_std: bool = True) -> ml_coll
             spectrum=False,
         )
     )
+
+
+def packaged_configs() -> list[str]:
+    """Names of the packaged experiment configs (``load_config(name)``)."""
+    package = importlib.import_module(CONFIG_PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+
+
+def load_config(path_or_name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """The locked ``get_config(arg)`` of an experiment.
+
+    ``path_or_name``: a packaged config name (``'digits_gmdit'``) or a ``.py`` file path; a
+    ``':arg'`` suffix (``'checkerboard_k64:baseline'``) gives ``arg`` when ``arg`` is None.
+    ``ValueError`` naming the config if it does not exist or does not load.
+    """
+    spec, sep, suffix = str(path_or_name).partition(":")
+    if sep and arg is None:
+        arg = suffix
+    if spec.endswith(".py") or os.sep in spec:
+        path = os.path.abspath(os.path.expanduser(spec))
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {spec!r} does not exist (resolved to {path}).")
+        module_spec = importlib.util.spec_from_file_location(f"gmflow_config_{os.path.basename(spec)[:-3]}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        names = packaged_configs()
+        if spec not in names:
+            raise ValueError(f"config {spec!r} is neither a .py file nor a packaged config; expected one of {names}.")
+        module = importlib.import_module(f"{CONFIG_PACKAGE}.{spec}")
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"config {spec!r} has no get_config(arg=None) function.")
+    config = module.get_config(arg) if arg is not None else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"config {spec!r}: get_config returned {type(config).__name__}, expected a ConfigDict.")
+    config.lock()
+    return config
+
+
+def define_config_flag(name: str, help_string: str) -> Any:
+    """An absl ``--<name>`` flag read with ``load_config``, overridable by ``--<name>.field=value`` (locked).
+
+    Call it only from a ``__main__`` module: flags are defined there and nowhere else.
+    """
+    from absl import flags
+    from ml_collections.config_flags import config_flags
+
+    class Parser(flags.ArgumentParser):
+        def parse(self, argument: str) -> ml_collections.ConfigDict:
+            return load_config(argument)
+
+        def flag_type(self) -> str:
+            return "config object"
+
+    # ml_collections' config-file flag (it handles the --<name>.field overrides), with our loader.
+    flag = config_flags._ConfigFlag(
+        parser=Parser(),
+        serializer=flags.ArgumentSerializer(),
+        name=name,
+        default=None,
+        help_string=help_string,
+        flag_values=flags.FLAGS,
+    )
+    return flags.DEFINE_flag(flag, flags.FLAGS)
 
 
 def resolve_data_dir(data_dir: str) -> str:

@@ -1,4 +1,4 @@
-"""Samplers (spec §7) driven by the exact denoiser of a GM data distribution.
+"""Samplers (method.md §7) driven by the exact denoiser of a GM data distribution.
 
 With the oracle u-GM (conftest ``GMData.denoise_fn``) the GM-SDE must draw exact data
 samples and the GM-ODE must follow the exact probability-flow ODE, which scipy's
@@ -144,7 +144,7 @@ def test_gm_ode_order2_corrects_a_single_gaussian_denoiser(gm_data, ode_problem)
     """K = 1: the exact posterior moment-matched to one Gaussian per x_t.
 
     Its mean E[x0 | x_t] is exact wherever the network is evaluated, but the sub-step
-    conversions of a single Gaussian are not; the second-order correction (spec §7.3)
+    conversions of a single Gaussian are not; the second-order correction (method.md §7.3)
     must cut the resulting error against the exact ODE.
     """
     x1, x_exact = ode_problem
@@ -452,3 +452,49 @@ def test_sample_output_finite_for_arbitrary_denoisers(
     out = _runner(name)(params, noise, jax.random.PRNGKey(seed % 1000), w, 10.0**log10_shift)
     assert out.shape == shape
     assert np.all(np.isfinite(_np(out))), (name, np.asarray(out))
+
+
+# --- CFG of the baselines, by hand ---------------------------------------------------------------------------
+
+
+def _affine_velocity(x_t, tau, labels):
+    """u = x_t + [1, 0] for class 0 and u = x_t + [0, 1] for the null class 1 (K = 1, unit std)."""
+    offset = jnp.where((labels == 0)[:, None], jnp.array([1.0, 0.0]), jnp.array([0.0, 1.0]))
+    means = (x_t + offset)[:, None, :]
+    return GM(means, jnp.zeros(means.shape[:-1]), jnp.zeros((x_t.shape[0], 1, 1)))
+
+
+@pytest.mark.parametrize(
+    "orthogonal,expected",
+    [
+        # σ: 1 → 0.5 → 0, w = 3, x = [1, 0]; Euler: x ← x + (σ' − σ) u, u = u_c + (w − 1) b, b = u_c − u_u.
+        # Plain CFG: u_c = [2, 0], b = [1, −1], u = [4, −2], x = [−1, 1]; u_c = [0, 1], u = [2, −1], x = [−2, 1.5].
+        (None, [-2.0, 1.5]),
+        (0.0, [-2.0, 1.5]),
+        # Projected off u_c: step 1 b·u_c/|u_c|² = 1/2, b = [0, −1], u = [2, −2], x = [0, 1];
+        # step 2 u_c = [1, 1] ⟂ b = [1, −1], u = [3, −1], x = [−1.5, 1.5].
+        (1.0, [-1.5, 1.5]),
+    ],
+)
+def test_euler_cfg_matches_a_hand_computed_two_step_example(orthogonal, expected):
+    x = solvers.sample(
+        _affine_velocity,
+        jnp.array([[1.0, 0.0]]),
+        jnp.array([0]),
+        key=jax.random.PRNGKey(0),
+        solver="euler",
+        num_steps=2,
+        guidance=3.0,
+        orthogonal=orthogonal,
+        null_label=1,
+    )
+    np.testing.assert_allclose(np.asarray(x)[0], expected, atol=1e-6)
+
+
+def test_cfg_sweep_value_zero_is_no_guidance():
+    """In a traced sweep w = 0 must equal the unguided call (like w = 1), not the unconditional model."""
+    noise, labels = jnp.array([[1.0, 0.0], [1.0, 0.0]]), jnp.array([0, 0])
+    kw = dict(key=jax.random.PRNGKey(0), solver="euler", num_steps=2, null_label=1)
+    swept = solvers.sample(_affine_velocity, noise, labels, guidance=jnp.array([0.0, 1.0]), **kw)
+    plain = solvers.sample(_affine_velocity, noise[:1], labels[:1], guidance=0.0, **kw)
+    np.testing.assert_allclose(swept, jnp.concatenate([plain, plain]), atol=1e-6)

@@ -1,7 +1,4 @@
-"""The sharded GMFlow trainer: library functions (``train``) and a thin absl ``__main__``.
-
-    python -m gmflow_jax.train --config configs/digits_gmdit.py --workdir runs/digits \\
-        [--config.num_steps=500] [--multihost | --coordinator_address=HOST:PORT --num_processes=N --process_id=I]
+"""The training loop: ``train(config, workdir)`` (command line: ``python -m gmflow_jax.train``).
 
 One run: validate the config (field-naming ``ValueError`` before anything compiles), build the
 ``('data', 'fsdp')`` mesh, write the resolved config into the workdir, create the state sharded
@@ -19,7 +16,6 @@ import json
 import math
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -28,29 +24,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
-from gmflow_jax.logging_utils import create_writer, import_clu, quiet_library_logs
-from gmflow_jax.model_builder import data_shape
-from gmflow_jax.preview import make_sampler, render, save_png
+from gmflow_jax.models.factory import data_shape
+from gmflow_jax.multihost import any_process, primary_first
 from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
-from gmflow_jax.train_config import resolve_data_dir, validate_config
-from gmflow_jax.train_data import check_data, make_data_iterator, primary_first
-from gmflow_jax.train_state import StateSetup, TrainState, init_state, setup_state
-from gmflow_jax.train_step import make_train_step
+from gmflow_jax.train.config import resolve_data_dir, validate_config
+from gmflow_jax.train.data import check_data, make_data_iterator
+from gmflow_jax.train.preview import make_preview_fn
+from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
+from gmflow_jax.train.step import make_train_step
+from gmflow_jax.train.writers import create_writer, import_clu
+from gmflow_jax.viz import render, save_png
 
 PREVIEW_SEED_OFFSET = 0x5A3  # the preview noise is the same at every step: samples are comparable
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite loss)."""
-
-
-class DistributedInitError(RuntimeError):
-    """``jax.distributed.initialize`` was asked for and failed."""
 
 
 # --- set-up helpers --------------------------------------------------------------------
@@ -132,10 +125,7 @@ class StopRequest:
             return self.requested
         if step % self._check_every:
             return False
-        from jax.experimental import multihost_utils
-
-        flags_ = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        return bool(np.any(flags_))
+        return any_process(self.requested)
 
 
 def finite_check(setup: StateSetup) -> Any:
@@ -161,7 +151,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     Raises ``ValueError`` for a bad config (before anything compiles), ``CheckpointError`` if
     checkpoints exist but none restores, ``TrainingError`` for a non-finite loss.
     """
-    quiet_library_logs()
     validate_config(config)
     mesh = make_mesh(config.mesh)
     check_devices(config)
@@ -252,7 +241,7 @@ def _loop(
         )
     sampler = None
     if config.log.sample_every_steps > 0:
-        sampler = make_sampler(setup.graphdef, config, mesh, data_shape(config.model))
+        sampler = make_preview_fn(setup.graphdef, config, mesh, data_shape(config.model))
     meta = {"config": json.loads(config.to_json_best_effort())}
     start = int(host_value(state.step))
     last_saved = start if resumed else -1
@@ -324,68 +313,3 @@ def _loop(
     finally:
         writer.flush()
     return state
-
-
-# --- command line -----------------------------------------------------------------------
-
-FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, TensorBoard events, samples.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() from the environment (TPU pods, SLURM...).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.initialize.")
-flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.initialize.")
-flags.DEFINE_integer("process_id", None, "This process's id for jax.distributed.initialize.")
-flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize.")
-
-
-def initialize_distributed(
-    *,
-    multihost: bool,
-    coordinator_address: str | None,
-    num_processes: int | None,
-    process_id: int | None,
-    timeout: int = 300,
-) -> None:
-    """``jax.distributed.initialize`` when asked (flags or ``multihost``); a failure is an error."""
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if not (multihost or explicit):
-        return
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    try:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            initialization_timeout=timeout,
-        )
-    except Exception as e:
-        raise DistributedInitError(
-            f"jax.distributed.initialize failed (coordinator_address={coordinator_address!r}, "
-            f"num_processes={num_processes!r}, process_id={process_id!r}): {type(e).__name__}: {e}. "
-            "Refusing to fall back to a single-host run."
-        ) from e
-    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
-
-
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or not FLAGS.workdir:
-        raise app.UsageError("--config and --workdir are required.")
-    try:
-        initialize_distributed(
-            multihost=FLAGS.multihost,
-            coordinator_address=FLAGS.coordinator_address,
-            num_processes=FLAGS.num_processes,
-            process_id=FLAGS.process_id,
-            timeout=FLAGS.distributed_timeout,
-        )
-        train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, TrainingError, ckpt_lib.CheckpointError, DistributedInitError) as e:
-        logging.error("%s: %s", type(e).__name__, e)
-        print(f"gmflow_jax.train: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    app.run(main)

@@ -13,38 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECKERBOARD = str(ROOT / "configs" / "checkerboard_k64.py")
-DIGITS = str(ROOT / "configs" / "digits_gmdit.py")
+from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, restore
 
-# A toy MLP on 64k checkerboard points: compiles in seconds, ~100 steps/s on one core.
-TOY_FLAGS = (
-    "--config.data.dataset=checkerboard/64k",
-    "--config.model.hidden=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_freqs=4",
-    "--config.batch_size=64",
-    "--config.log.every_steps=5",
-    "--config.log.progress_every_steps=10",
-    "--config.log.sample_every_steps=0",
-    "--config.data.prefetch=0",
-    "--config.data.read=per_process",
-    "--config.checkpoint.keep=10",
-)
+ROOT = Path(__file__).resolve().parents[2]
 
-# A tiny GM-DiT with SpectrumMLP on the 8×8 digits (hidden 32 = 8 × 4 so FSDP splits it over 8 devices).
-DIT_FLAGS = (
-    "--config.model.hidden_size=32",
-    "--config.model.depth=1",
-    "--config.model.num_heads=2",
-    "--config.model.num_gaussians=2",
-    "--config.model.logstd_inner_dim=16",
-    "--config.batch_size=16",
-    "--config.log.every_steps=1",
-    "--config.log.sample_every_steps=0",
-    "--config.data.prefetch=0",
-    "--config.data.read=global",
-)
+# The tests' models: get_config('tiny') variants (see the config files).
+TOY = "checkerboard_k64:tiny"  # a small MLP on 64K checkerboard points, ~100 steps/s on one core
+DIT = "digits_gmdit:tiny"  # a one-block GM-DiT with SpectrumMLP on the 8×8 digits
+TOY_FLAGS = ("--config.checkpoint.keep=10",)
+DIT_FLAGS = ("--config.data.read=global",)
 
 
 def child_env(devices: int = 1) -> dict[str, str]:
@@ -90,10 +67,7 @@ def start(cmd: Sequence[str], *, devices: int = 1, log: Path | None = None) -> s
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
     """Committed checkpoint steps in a workdir."""
-    root = Path(workdir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists())
+    return list_steps(os.path.join(workdir, CHECKPOINT_DIR))
 
 
 def wait_for(predicate, *, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:
@@ -113,24 +87,9 @@ def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def load_state(workdir: str | Path, step: int | None = None) -> dict:
     """The checkpointed train state of ``step`` (default: latest) as numpy arrays (no sharding needed)."""
-    import orbax.checkpoint as ocp
-
     steps = checkpoint_steps(workdir)
     assert steps, f"no checkpoint in {workdir}"
-    step = steps[-1] if step is None else step
-    path = Path(workdir) / "checkpoints" / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(path)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-        restore_args = _numpy_restore_args(tree)
-        return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
-
-
-def _numpy_restore_args(tree):
-    import jax
-    import orbax.checkpoint as ocp
-
-    return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return restore(os.path.join(workdir, CHECKPOINT_DIR), steps[-1] if step is None else step)
 
 
 def flat(tree) -> dict[str, np.ndarray]:

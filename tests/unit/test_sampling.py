@@ -1,12 +1,10 @@
-"""``gmflow_jax.sampling``: a tiny digits GM-DiT trained 4 steps by the trainer, then sampled from its checkpoints."""
+"""``gmflow_jax.sampling.Sampler``: a tiny digits GM-DiT trained 4 steps by the trainer, then sampled from its
+checkpoints."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -16,26 +14,21 @@ import pytest
 from flax import nnx
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax.sampling import Sampler, SamplingCheckpointError, available_steps, main
-
-ROOT = Path(__file__).resolve().parents[1]
+from gmflow_jax.sampling import Sampler, SamplingCheckpointError
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A one-block GM-DiT (K = 2, SpectrumMLP) trained 4 steps on the digits; checkpoints at steps 2 and 4."""
-    from gmflow_jax import train
-    from gmflow_jax.demo import load_config
+    from gmflow_jax.train import train
+    from gmflow_jax.train.config import load_config
 
-    c = load_config(str(ROOT / "configs" / "digits_gmdit.py"))
+    c = load_config("digits_gmdit:tiny")
     c.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    c.num_steps, c.batch_size = 4, 16
-    c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
-    c.model.num_gaussians, c.model.logstd_inner_dim = 2, 16
+    c.num_steps = 4
     c.checkpoint.every_steps, c.checkpoint.async_save = 2, False
-    c.log.sample_every_steps = 0
     wd = tmp_path_factory.mktemp("run")
-    train.train(c, str(wd))
+    train(c, str(wd))
     return wd
 
 
@@ -47,7 +40,7 @@ def sampler(workdir) -> Sampler:
 def test_from_checkpoint_shapes_and_paths(workdir, sampler):
     assert sampler.step == 4 and sampler.data_shape == (8, 8, 1)
     assert sampler.num_classes == 10 and sampler.null_label == 10 and sampler.has_spectrum
-    assert available_steps(str(workdir)) == [2, 4]
+    assert ckpt_lib.list_steps(str(workdir / ckpt_lib.CHECKPOINT_DIR)) == [2, 4]
     labels = sampler.class_grid(2)
     np.testing.assert_array_equal(labels[:4], [0, 0, 1, 1])
     for solver in ("gm-ode", "gm-sde"):  # gm-sde goes through the SpectrumMLP
@@ -133,9 +126,8 @@ def test_missing_and_damaged_checkpoints(workdir, tmp_path):
 
 
 def test_toy_points_sampler():
-    from gmflow_jax.model_builder import build_model
-    from gmflow_jax.train_config import toy_model_config
-    from gmflow_jax.train_state import split_params
+    from gmflow_jax.models.factory import build_model, split_params
+    from gmflow_jax.train.config import toy_model_config
 
     config = ml_collections.ConfigDict({"model": toy_model_config(num_gaussians=4)})
     config.model.hidden, config.model.num_layers = 16, 1
@@ -149,18 +141,15 @@ def test_toy_points_sampler():
         s.sample(0, num_samples=4, guidance=0.2)
 
 
-def test_cli_writes_npz_and_png(workdir, tmp_path):
-    out = tmp_path / "cli" / "samples.npz"
-    cmd = [sys.executable, "-m", "gmflow_jax.sampling", f"--workdir={workdir}", f"--out={out}"]
-    cmd += ["--num_per_class=2", "--steps=2", "--solver=gm-sde", "--guidance", "0", "0.3"]
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    with np.load(out) as f:
-        assert f["samples"].shape == (2, 20, 8, 8, 1) and np.all(np.isfinite(f["samples"]))
-        np.testing.assert_array_equal(f["labels"], np.repeat(np.arange(10), 2))
-        np.testing.assert_allclose(f["guidance"], [0.0, 0.3])
-        assert int(f["step"]) == 4
-    assert (tmp_path / "cli" / "samples_w0.png").is_file() and (tmp_path / "cli" / "samples_w0.3.png").is_file()
-    # errors: exit status 1 and a message naming the path (in-process: same code path, no second start-up)
-    assert main([f"--workdir={tmp_path / 'missing'}", f"--out={tmp_path / 'x.npz'}"]) == 1
+def test_one_key_per_call(sampler):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    with pytest.raises(ValueError, match=r"key must be one PRNG key or an int seed; got an array of shape \(3, 2\)"):
+        sampler.sample(keys, sampler.class_grid(1))
+
+
+def test_baselines_default_to_plain_cfg(sampler):
+    labels = sampler.class_grid(1)
+    kw = dict(solver="euler", num_steps=2, guidance=2.0)
+    default = sampler.sample(0, labels, **kw)
+    np.testing.assert_array_equal(default, sampler.sample(0, labels, orthogonal=0.0, **kw))
+    assert not np.allclose(default, sampler.sample(0, labels, orthogonal=1.0, **kw))

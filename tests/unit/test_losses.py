@@ -1,4 +1,4 @@
-"""Training objectives (spec §5) against scipy densities, KS tests and Monte-Carlo."""
+"""Training objectives (method.md §5) against scipy densities, KS tests and Monte-Carlo."""
 
 from __future__ import annotations
 

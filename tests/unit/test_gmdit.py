@@ -292,7 +292,7 @@ def test_initialisation():
     for block in model.blocks:
         np.testing.assert_array_equal(block.adaln.kernel[...], 0.0)
     np.testing.assert_array_equal(model.final_adaln.kernel[...], 0.0)
-    assert np.abs(model.head.kernel[...]).max() > 0  # the final linear stays xavier (spec §8)
+    assert np.abs(model.head.kernel[...]).max() > 0  # the final linear stays xavier (method.md §8)
     fan_in, fan_out = model.patch_embed.kernel[...].shape
     assert np.abs(model.patch_embed.kernel[...]).max() <= math.sqrt(6.0 / (fan_in + fan_out))
     assert 0.015 < float(jnp.std(model.class_embed.embedding[...])) < 0.025
@@ -354,7 +354,7 @@ def test_spectrum_features_match_numpy(per_pixel_var):
 
 
 def _np_spectrum(layers, feats, h, w, c=4, hb=32, wb=32):
-    """NumPy reference of spec §4 from torch-layout weights [(W (out, in), b), ...]."""
+    """NumPy reference of method.md §4 from torch-layout weights [(W (out, in), b), ...]."""
     x = feats.astype(np.float64)
     for i, (wt, b) in enumerate(layers):
         x = x @ wt.T.astype(np.float64) + b

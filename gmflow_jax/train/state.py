@@ -19,7 +19,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
-from gmflow_jax.model_builder import build_model
+from gmflow_jax.models.factory import build_model, split_params
 from gmflow_jax.sharding import check_rules, replicated, tree_shardings
 
 Params = dict[str, Any]
@@ -118,14 +118,6 @@ class StateSetup:
         return sum(int(x.size) for x in jax.tree.leaves(self.abstract.params))
 
 
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """``(graphdef, Param state)``; ``ValueError`` if the model holds other mutable state."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    if jax.tree.leaves(rest):
-        raise ValueError(f"the model holds non-parameter state the trainer does not handle: {rest}")
-    return graphdef, params
-
-
 def setup_state(config: Any, mesh: Mesh) -> StateSetup:
     """Builds the abstract state and its shardings from ``config`` (no parameters allocated)."""
     rules = check_rules(config.sharding)
@@ -173,7 +165,7 @@ def init_state(setup: StateSetup, seed: int) -> TrainState:
 
 
 def ema_beta(step: jax.Array, batch_size: int, max_nimg: float, ratio: float) -> jax.Array:
-    """Spec §9: ``0.5 ** (batch / max(ema_nimg, 1e-8))``, ``ema_nimg = min(max_nimg, ratio·(step+1)·batch)``."""
+    """method.md §9: ``0.5 ** (batch / max(ema_nimg, 1e-8))``, ``ema_nimg = min(max_nimg, ratio·(step+1)·batch)``."""
     images_seen = (jnp.asarray(step, jnp.float32) + 1.0) * batch_size
     ema_nimg = jnp.minimum(max_nimg, ratio * images_seen)
     return jnp.power(0.5, batch_size / jnp.maximum(ema_nimg, 1e-8))

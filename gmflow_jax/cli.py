@@ -1,0 +1,86 @@
+"""What every command line of the project shares (used only by the ``__main__`` modules).
+
+``run(main, prog=...)`` is ``absl.app.run`` with: quiet library logs; one line
+``<prog>: error: <message>`` on stderr (exit 2) for a bad flag, a typo in a ``--config.*``
+override or a config file that does not load; one such line (exit 1) for the errors a user can fix
+(``expected``: bad values, missing or damaged checkpoints, ...); the full traceback only with
+``--verbose``. Unexpected exceptions (bugs) always show their traceback.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+_QUIET_PATHS = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+_QUIET_LOGGERS = ("jax._src.xla_bridge",)  # "Unable to initialize backend 'tpu'" on every CPU/GPU run
+
+
+class _LibraryInfoFilter(py_logging.Filter):
+    """Drops INFO/DEBUG absl records emitted from chatty libraries (orbax, grain, TFDS, backend probing)."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        if record.levelno >= py_logging.WARNING:
+            return True
+        path = record.pathname.replace("\\", "/")
+        return not any(p in path for p in _QUIET_PATHS)
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to the project's own lines and the libraries' warnings (idempotent)."""
+    absl_logger = py_logging.getLogger("absl")
+    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_LibraryInfoFilter())
+    for name in _QUIET_LOGGERS:
+        py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` on one line: its lines joined, or only the first if that is long."""
+    while e.args and isinstance(e.args[0], BaseException):  # e.g. ConfigDict's AttributeError(KeyError(...))
+        e = e.args[0]
+    message = e.args[0] if isinstance(e, KeyError) and e.args and isinstance(e.args[0], str) else str(e)
+    lines = [line.strip() for line in message.splitlines() if line.strip()] or [type(e).__name__]
+    joined = " ".join(lines)
+    return joined if len(joined) <= 300 else lines[0]
+
+
+def run(
+    main: Callable[[list[str]], int | None],
+    *,
+    prog: str,
+    expected: tuple[type[BaseException], ...] = (ValueError, OSError),
+    argv: Sequence[str] | None = None,
+) -> None:
+    """``absl.app.run(main)`` with one-line errors (see the module docstring)."""
+    flags.DEFINE_bool("verbose", False, "Show full tracebacks for errors (by default: one line).")
+    quiet_library_logs()
+
+    def fail(e: BaseException, code: int) -> None:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(code)
+
+    def parse(args: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(args)
+        except Exception as e:  # absl's own errors, config file and override errors
+            if "--verbose" in args:
+                raise
+            if isinstance(e, AttributeError | KeyError):  # a --config.<field> that the config does not have
+                e = ValueError(f"unknown config field {one_line(e)}")
+            fail(e, 2)
+            raise  # unreachable
+
+    def guarded(args: list[str]) -> int | None:
+        try:
+            return main(args)
+        except expected as e:
+            if flags.FLAGS.verbose:
+                raise
+            fail(e, 1)
+            raise  # unreachable
+
+    app.run(guarded, argv=list(argv) if argv is not None else None, flags_parser=parse)

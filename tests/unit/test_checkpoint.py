@@ -1,0 +1,103 @@
+"""The checkpoint seam (``gmflow_jax.checkpoint``): steps written by ``Checkpointer`` and read back by the
+read API that the trainer, the sampler and the tools share."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gmflow_jax import checkpoint as ckpt
+
+
+def state(step: int) -> dict:
+    return {
+        "step": jnp.int32(step),
+        "params": {"w": jnp.full((3, 2), float(step)), "b": jnp.zeros((2,))},
+        "ema": {"w": jnp.full((3, 2), step + 0.5), "b": jnp.ones((2,))},
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path) -> str:
+    """Steps 1, 2, 3 of a small state, saved synchronously with manifests; config.json beside them."""
+    writer = ckpt.Checkpointer(str(tmp_path), keep=5, async_save=False)
+    for step in (1, 2, 3):
+        writer.save(step, state(step), b'{"pos": 0}', {"step": step, "config": {"model": {"depth": step}}})
+    writer.close()
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"depth": 99}}))
+    return str(tmp_path)
+
+
+def test_list_steps_sees_only_committed_steps(workdir):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    os.makedirs(os.path.join(directory, "4.orbax-checkpoint-tmp-17", "state"))  # a save in flight
+    os.makedirs(os.path.join(directory, "5"))  # no state item
+    assert ckpt.list_steps(directory) == [1, 2, 3]
+    assert ckpt.list_steps(os.path.join(workdir, "nowhere")) == []
+
+
+def test_locate_workdir_root_and_step_directory(workdir, tmp_path):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    assert ckpt.locate(workdir) == (directory, None)
+    assert ckpt.locate(directory) == (directory, None)
+    assert ckpt.locate(os.path.join(directory, "2")) == (directory, 2)
+    with pytest.raises(ckpt.CheckpointError, match="nowhere"):
+        ckpt.locate(str(tmp_path / "nowhere"))
+
+
+def test_verify_step_against_the_manifest(workdir):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    assert ckpt.verify_step(directory, 3) is None
+    files = sorted(p for p in (os.path.join(r, f) for r, _, fs in os.walk(os.path.join(directory, "3")) for f in fs))
+    biggest = max(files, key=os.path.getsize)
+    size = os.path.getsize(biggest)
+    with open(biggest, "r+b") as f:
+        f.truncate(size // 2)
+    assert ckpt.verify_step(directory, 3) == f"file {os.path.relpath(biggest, os.path.join(directory, '3'))} " + (
+        f"has {size // 2} bytes, expected {size}"
+    )
+    os.remove(files[0])
+    assert ckpt.verify_step(directory, 3).endswith("is missing")
+    os.remove(os.path.join(workdir, ckpt.MANIFEST_DIR, "2.json"))
+    assert ckpt.verify_step(directory, 2) is None  # no manifest: nothing to compare (a warning)
+
+
+def test_read_meta_and_fallback_to_config_json(workdir):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    assert ckpt.read_meta(directory, 2) == {"step": 2, "config": {"model": {"depth": 2}}}
+    os.remove(os.path.join(directory, "2", "meta", "metadata"))
+    assert ckpt.read_meta(directory, 2)["config"] == {"model": {"depth": 99}}
+    os.remove(os.path.join(workdir, "config.json"))
+    with pytest.raises(ckpt.CheckpointError, match="has no config"):
+        ckpt.read_meta(directory, 2)
+
+
+def test_restore_part_or_all(workdir):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state(0)["ema"])
+    part = ckpt.restore(directory, 2, {"ema": abstract})
+    assert set(part) == {"ema"}
+    np.testing.assert_array_equal(part["ema"]["w"], np.full((3, 2), 2.5))
+    whole = ckpt.restore(directory, 3)
+    assert int(whole["step"]) == 3 and isinstance(whole["params"]["w"], np.ndarray)
+    np.testing.assert_array_equal(whole["params"]["w"], np.full((3, 2), 3.0))
+
+
+def test_newest_good_falls_back_and_reports(workdir):
+    damaged = []
+
+    def attempt(step: int) -> str:
+        if step == 3:
+            raise OSError("disk says no\nsecond line")
+        return f"state {step}"
+
+    found, problems = ckpt.newest_good([1, 2, 3], attempt, damaged.append, where=workdir)
+    assert found == (2, "state 2") and damaged == [3]
+    assert problems == ["step 3: OSError: disk says no"]
+    found, problems = ckpt.newest_good([3], attempt, where=workdir)
+    assert found is None and len(problems) == 1
