@@ -28,3 +28,16 @@ def test_math_core_imports_no_flax_or_orbax():
     modules = imported_after("import gmflow_jax.gm, gmflow_jax.flow, gmflow_jax.losses, gmflow_jax.solvers")
     bad = [m for m in modules if m.split(".")[0] in ("flax", "orbax", *HEAVY) or m.startswith(TRAINER)]
     assert bad == [], bad
+
+
+def test_importing_the_library_defines_no_flags():
+    """Flags live in the ``__main__`` modules only: importing a package (Colab, tests) registers none."""
+    code = (
+        "import gmflow_jax.train, gmflow_jax.sampling, gmflow_jax.demo, gmflow_jax.cli, json\n"
+        "from absl import flags\n"
+        "print(json.dumps(sorted(flags.FLAGS.flags_by_module_dict())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert any(m.startswith("absl") for m in modules)  # the check sees flag-defining modules
+    assert [m for m in modules if "gmflow_jax" in m] == []
