@@ -6,13 +6,23 @@ Layout under ``<workdir>``::
     checkpoints/<step>/data/      grain iterator state, one JSON per JAX process
     checkpoints/<step>/meta/      JSON: {'step', 'config'}
     checkpoint_manifests/<step>.json   {relative path: size} of every file of that step
+    damaged_checkpoints/<step>[.<time>]/ (+ .manifest.json, .reason.txt)   steps moved aside as damaged
+    replaced_runs/<time>/         what ``set_aside`` moved out of the way (``--restart_from_scratch``)
 
 A step directory appears only once orbax has committed it (orbax writes to a temporary directory
 and renames it), so a half-written save is never taken for a checkpoint. The manifest is written by
-process 0 once the save has finished; on restore it detects truncated or deleted files. A step
-that fails (manifest mismatch, restore error, non-finite weights) is moved to
-``<workdir>/damaged_checkpoints/`` with a warning and the previous step is tried; if checkpoints
-exist but none restores, ``CheckpointError`` — never a silent restart from scratch.
+process 0 once the save has finished; on restore it detects truncated or deleted files.
+
+Restoring tells three failures apart and destroys nothing:
+
+* *incompatible*: the step's parameter tree (shapes, dtypes, structure) is not the one the config
+  builds. ``IncompatibleCheckpointError`` names the config fields that differ, before anything
+  is read or written; every file stays where it is.
+* *transient*: an I/O error that may pass (time-outs, unavailable storage). Retried with
+  back-off; if it persists, ``TransientCheckpointError``, nothing moved.
+* *damaged*: the files fail the manifest or cannot be read, or the weights are not finite. The
+  step is moved to ``<workdir>/damaged_checkpoints/`` (with the reason beside it) and the
+  previous step is tried. If none is left: ``CheckpointError``, never a silent fresh start.
 
 Writing is ``Checkpointer`` (the trainer's). Reading is the functions below it, used by the trainer's
 restore, ``init_from``, the ``Sampler`` and anything else that opens a run: ``locate`` (a workdir,
@@ -23,10 +33,13 @@ check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+import sys
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -35,15 +48,28 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gmflow_jax.multihost import agree, barrier
+from gmflow_jax.multihost import barrier, max_over_processes
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_DIR = "checkpoint_manifests"
 DAMAGED_DIR = "damaged_checkpoints"
 
 
+SET_ASIDE_DIR = "replaced_runs"
+TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Temporary failure", "timed out")
+RETRY_DELAYS_S = (1.0, 4.0, 16.0)  # back-off before each retry of a transient read error
+
+
 class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be restored, or a requested checkpoint is missing."""
+    """Checkpoints exist but none can be restored, or a requested checkpoint is missing or damaged."""
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """The checkpoint holds a different parameter tree than the config builds (nothing was changed)."""
+
+
+class TransientCheckpointError(CheckpointError):
+    """Reading failed with an I/O error that may pass, even after retries (nothing was changed)."""
 
 
 class _IteratorSnapshot:
@@ -66,10 +92,19 @@ def file_sizes(directory: str) -> dict[str, int]:
     return out
 
 
-def describe(e: BaseException) -> str:
-    """How a failed step is reported: the first line of the message (at most 300 characters), after the
-    exception's type unless it is our own ``CheckpointError``."""
-    first = (str(e).splitlines() or [""])[0][:300]
+def describe(e: BaseException, limit: int = 300) -> str:
+    """How a failure is reported, in one line: our own ``CheckpointError``'s message, else the type and
+    message of the innermost exception of the chain (orbax wraps storage errors, whose message says what
+    is wrong), its middle elided past ``limit`` characters (storage errors put the useful part last)."""
+    if not isinstance(e, CheckpointError):
+        for _ in range(8):
+            inner = e.__cause__ or e.__context__
+            if inner is None:
+                break
+            e = inner
+    first = (str(e).splitlines() or [""])[0]
+    if len(first) > limit:
+        first = f"{first[: limit // 3]} … {first[-(2 * limit) // 3 :]}"
     return first if isinstance(e, CheckpointError) else f"{type(e).__name__}: {first}"
 
 
@@ -89,6 +124,7 @@ class Checkpointer:
         self._keep = keep
         self._async = async_save
         self._unmanifested: list[int] = []
+        self._failed = False
         self._mngr = self._manager()
 
     def _manager(self) -> ocp.CheckpointManager:
@@ -119,8 +155,12 @@ class Checkpointer:
 
     def _finish_previous(self) -> None:
         """Waits for the save in flight and writes the manifests of finished steps (process 0)."""
-        self._mngr.wait_until_finished()
-        if jax.process_index() == 0:
+        try:
+            self._mngr.wait_until_finished()
+        except Exception as e:
+            self._save_failed(e)
+        self.check_for_errors()
+        if jax.process_index() == 0 and (self._unmanifested or os.path.isdir(self.manifest_dir)):
             os.makedirs(self.manifest_dir, exist_ok=True)
             present = set(list_steps(self.directory))
             for step in self._unmanifested:
@@ -141,18 +181,29 @@ class Checkpointer:
         self._finish_previous()
 
     def close(self) -> None:
-        self._finish_previous()
-        self._mngr.close()
+        """Finishes the saves in flight (unless one has failed: then only shuts orbax down)."""
+        try:
+            if not self._failed:
+                self._finish_previous()
+        finally:
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+                self._mngr.close()
 
     # --- restoring ----------------------------------------------------------------------
 
     def restore_latest(
-        self, abstract_state: dict[str, Any], data_iterator: Any, check: Callable[[dict[str, Any]], str | None]
+        self,
+        abstract_state: dict[str, Any],
+        data_iterator: Any,
+        check: Callable[[dict[str, Any]], str | None],
+        config: dict[str, Any],
     ) -> tuple[int, dict[str, Any]] | None:
         """Restores the newest good step into ``abstract_state``'s shardings and ``data_iterator``.
 
-        ``check(state) -> problem or None`` vets a restored state (e.g. finite weights). Returns
-        ``(step, state)``, or None when there is no checkpoint. Damaged steps are moved aside.
+        ``check(state) -> problem or None`` vets a restored state (e.g. finite weights); ``config``
+        (the run's config as a dict) names the differing fields when a step does not fit. Returns
+        ``(step, state)``, or None when there is no checkpoint. Only damaged steps are moved aside;
+        ``IncompatibleCheckpointError`` / ``TransientCheckpointError`` stop with every file in place.
         """
         import grain
 
@@ -164,40 +215,80 @@ class Checkpointer:
             problem = verify_step(self.directory, step)
             if problem is not None:
                 raise CheckpointError(problem)
+            check_compatible(self.directory, step, abstract_state, config)
             args = ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
             )
-            state = self._mngr.restore(step, args=args)["state"]
+            with _quiet_async_read_errors():
+                state = self._mngr.restore(step, args=args)["state"]
             problem = check(state)
             if problem is not None:
                 raise CheckpointError(problem)
             return state
 
-        found, problems = newest_good(steps, attempt, self._quarantine, where=self.directory, all_processes=True)
+        found, problems = newest_good(
+            steps, with_retries(attempt), self._quarantine, where=self.directory, all_processes=True
+        )
         if found is not None:
             if problems:
                 logging.warning("resumed from the previous good checkpoint, step %d", found[0])
             return found
         raise CheckpointError(
-            f"checkpoints exist in {self.directory} but none can be restored ({'; '.join(problems)}); "
-            f"they were moved to {os.path.join(self.workdir, DAMAGED_DIR)}. Refusing to restart from scratch: "
-            "fix or remove them, or use a new workdir."
+            f"no checkpoint in {self.directory} can be restored ({'; '.join(problems)}); the damaged steps were "
+            f"moved to {os.path.join(self.workdir, DAMAGED_DIR)}. Refusing to restart from scratch: repair them, "
+            "use a new --workdir, or pass --restart_from_scratch (sets the old files aside)."
         )
 
-    def _quarantine(self, step: int) -> None:
-        """Moves a damaged step (and its manifest) out of orbax's directory."""
+    def check_for_errors(self) -> None:
+        """``CheckpointError`` now if an asynchronous save has failed (call it every step: it is cheap)."""
+        try:
+            self._mngr.check_for_errors()
+        except Exception as e:
+            self._save_failed(e)
+
+    def _save_failed(self, e: Exception) -> None:
+        self._failed = True
+        steps = ", ".join(map(str, self._unmanifested)) or "?"
+        raise CheckpointError(
+            f"saving checkpoint step {steps} in {self.directory} failed ({describe(e)}); the run stopped, "
+            f"the earlier steps {list_steps(self.directory)} are intact."
+        ) from e
+
+    def _quarantine(self, step: int, reason: str) -> None:
+        """Moves a damaged step (and its manifest) out of orbax's directory, with the reason beside it."""
         if jax.process_index() == 0:
             dest = os.path.join(self.workdir, DAMAGED_DIR)
             os.makedirs(dest, exist_ok=True)
-            target = os.path.join(dest, str(step))
-            if os.path.exists(target):
-                shutil.rmtree(target)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            name = str(step)
+            if os.path.exists(os.path.join(dest, name)):  # damaged before: keep both
+                name = f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, name))
             manifest = os.path.join(self.manifest_dir, f"{step}.json")
             if os.path.exists(manifest):
-                shutil.move(manifest, os.path.join(dest, f"{step}.manifest.json"))
+                shutil.move(manifest, os.path.join(dest, f"{name}.manifest.json"))
+            with open(os.path.join(dest, f"{name}.reason.txt"), "w") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {reason}\n")
         barrier(f"gmflow_quarantine_{step}")
         self._mngr.reload()
+
+
+def once_held_checkpoints(workdir: str) -> bool:
+    """Whether a run in ``workdir`` ever completed a checkpoint (manifests, or steps moved aside as damaged)."""
+    damaged = os.path.join(workdir, DAMAGED_DIR)
+    return os.path.isdir(os.path.join(workdir, MANIFEST_DIR)) or bool(os.path.isdir(damaged) and os.listdir(damaged))
+
+
+def set_aside(workdir: str, keep: tuple[str, ...] = ()) -> str | None:
+    """Moves everything in ``workdir`` (but ``keep``) into ``<workdir>/replaced_runs/<time>/``; returns that
+    folder, or None if there was nothing to move. Nothing is deleted."""
+    names = [n for n in os.listdir(workdir) if n not in (SET_ASIDE_DIR, *keep)] if os.path.isdir(workdir) else []
+    if not names:
+        return None
+    dest = os.path.join(workdir, SET_ASIDE_DIR, time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(dest, exist_ok=True)
+    for name in names:
+        shutil.move(os.path.join(workdir, name), os.path.join(dest, name))
+    return dest
 
 
 # --- reading ----------------------------------------------------------------------------
@@ -261,6 +352,17 @@ def read_meta(directory: str, step: int) -> dict[str, Any]:
     raise CheckpointError(f"checkpoint step {step} in {directory} has no config (looked at {meta} and {config}).")
 
 
+def state_metadata(directory: str, step: int) -> dict[str, Any]:
+    """The stored tree of the ``state`` item of ``step``, leaves ``ArrayMetadata`` (shape, dtype); no array is read."""
+    from etils import epath
+
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        return handler.metadata(epath.Path(directory) / str(step) / "state").tree
+    finally:
+        handler.close()
+
+
 def restore(directory: str, step: int, target: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``state`` item of ``step``: the entries of ``target`` (a sub-tree of the train state, e.g.
     ``{'ema': abstract params}``, leaves ``jax.ShapeDtypeStruct`` with shardings; the rest is not read),
@@ -268,7 +370,7 @@ def restore(directory: str, step: int, target: dict[str, Any] | None = None) -> 
     path = os.path.join(directory, str(step), "state")
     with ocp.PyTreeCheckpointer() as ckptr:
         if target is None:
-            tree = ckptr.metadata(path).item_metadata.tree
+            tree = state_metadata(directory, step)
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
             return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
         restore_args = ocp.checkpoint_utils.construct_restore_args(target)
@@ -280,33 +382,152 @@ def restore(directory: str, step: int, target: dict[str, Any] | None = None) -> 
 def newest_good(
     steps: list[int],
     attempt: Callable[[int], Any],
-    on_damaged: Callable[[int], None] | None = None,
+    on_damaged: Callable[[int, str], None] | None = None,
     *,
     where: str,
     all_processes: bool = False,
 ) -> tuple[tuple[int, Any] | None, list[str]]:
     """Tries ``attempt(step)`` from the newest step down; returns ``((step, value) or None, problems)``.
 
-    A step whose ``attempt`` raises is damaged: it is logged with its first error line, passed to
-    ``on_damaged`` and the previous step is tried. With ``all_processes`` a step counts as good
-    only if it is good on every JAX process.
+    A step whose ``attempt`` raises is damaged: it is logged in one line, passed to
+    ``on_damaged(step, reason)`` and the previous step is tried. ``IncompatibleCheckpointError`` and
+    ``TransientCheckpointError`` are not damage: they stop the search at once. With ``all_processes``
+    every JAX process takes the same decision (the worst outcome of any process).
     """
+    ok, damaged, stop = 0, 1, 2
     problems = []
     for step in reversed(steps):
-        value, problem = None, None
+        value, problem, error, outcome = None, None, None, ok
         try:
             value = attempt(step)
-        except Exception as e:  # any failure to read a step makes it unusable
-            problem = describe(e)
-        if all_processes and not agree(problem is None):
-            problem = problem or "another process could not restore it"
-        if problem is None:
+        except (IncompatibleCheckpointError, TransientCheckpointError) as e:
+            error, outcome = e, stop
+        except Exception as e:  # any other failure to read a step makes it damaged
+            problem, outcome = describe(e), damaged
+        if all_processes:
+            outcome = max_over_processes(outcome)
+        if outcome == stop:
+            raise error or CheckpointError(f"another process stopped restoring step {step} in {where}")
+        if outcome == ok:
             return (step, value), problems
+        problem = problem or "another process could not restore it"
         logging.warning("checkpoint step %d in %s is damaged (%s); trying the previous one", step, where, problem)
         problems.append(f"step {step}: {problem}")
         if on_damaged is not None:
-            on_damaged(step)
+            on_damaged(step, problem)
     return None, problems
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether ``e`` looks like an I/O error that may pass (network storage hiccups)."""
+    text = f"{e} {describe(e)}"
+    return isinstance(e, TimeoutError | ConnectionError) or any(m in text for m in TRANSIENT_MARKERS)
+
+
+def with_retries(fn: Callable[[int], Any], delays: tuple[float, ...] = RETRY_DELAYS_S) -> Callable[[int], Any]:
+    """``fn(step)``, retried after each of ``delays`` seconds while it fails transiently; then
+    ``TransientCheckpointError``. Other errors pass through at once."""
+
+    def run(step: int) -> Any:
+        for retry in range(len(delays) + 1):
+            try:
+                return fn(step)
+            except CheckpointError:
+                raise
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if retry == len(delays):
+                    raise TransientCheckpointError(
+                        f"reading checkpoint step {step} failed {retry + 1} times ({describe(e)}); nothing was "
+                        "changed: retry when the storage is reachable."
+                    ) from e
+                logging.warning("reading checkpoint step %d: %s; retrying in %g s", step, describe(e), delays[retry])
+                time.sleep(delays[retry])
+        raise AssertionError("unreachable")
+
+    return run
+
+
+def _key(entry: Any) -> str:
+    for attr in ("key", "idx", "name"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def tree_signature(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``{'params/net/head/kernel': (shape, dtype)}`` of the array leaves of a state tree (arrays,
+    ShapeDtypeStructs or orbax metadata)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(_key(e) for e in path): (tuple(leaf.shape), str(np.dtype(leaf.dtype)))
+        for path, leaf in leaves
+        if hasattr(leaf, "shape")
+    }
+
+
+def flat_dict(d: Any, prefix: str = "") -> dict[str, Any]:
+    """``{'optim.lr': 2e-4, ...}`` of a nested dict."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> str:
+    """``'model.hidden_size 32 → 64, ...'``: the fields that differ between two configs (as dicts)."""
+    a, b = flat_dict(old), flat_dict(json.loads(json.dumps(new)))  # tuples -> lists, as stored
+    changed = [
+        f"{k} {a.get(k, '(none)')!r} → {b.get(k, '(none)')!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
+    more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
+    return ", ".join(changed[:limit]) + more if changed else "no config field (the code that builds the model changed?)"
+
+
+def check_compatible(directory: str, step: int, abstract_state: Any, config: dict[str, Any]) -> None:
+    """``IncompatibleCheckpointError`` unless the stored tree of ``step`` has the leaves, shapes and dtypes of
+    ``abstract_state``. Reads only metadata."""
+    stored = tree_signature(state_metadata(directory, step))
+    wanted = tree_signature(abstract_state)
+    if stored == wanted:
+        return
+    diffs = [
+        f"{k}: {stored[k][0] if k in stored else 'absent'} → {wanted[k][0] if k in wanted else 'absent'}"
+        for k in sorted(set(stored) | set(wanted))
+        if stored.get(k) != wanted.get(k)
+    ]
+    try:
+        changes = config_changes(read_meta(directory, step)["config"], config)
+    except CheckpointError:
+        changes = "the checkpoint has no config to compare"
+    raise IncompatibleCheckpointError(
+        f"checkpoint step {step} in {directory} was written by a different model ({changes}; e.g. {diffs[0]}). "
+        "Nothing was changed: resume with the run's own config (its config.json), or use a new --workdir."
+    )
+
+
+@contextlib.contextmanager
+def _quiet_async_read_errors() -> Iterator[None]:
+    """Drops the echoes ('Event loop is closed', errors of abandoned coroutines) that a failed orbax
+    restore leaves behind; the first error is raised normally."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if not ("coroutine" in repr(unraisable.object) or "Event loop is closed" in str(unraisable.exc_value)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        import gc
+
+        gc.collect()  # finalise the abandoned coroutines while the hook is installed
+        sys.unraisablehook = previous
 
 
 def load_weights(path: str, abstract_params: Any) -> tuple[Any, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging as py_logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
@@ -20,22 +21,57 @@ _QUIET_LOGGERS = ("jax._src.xla_bridge",)  # "Unable to initialize backend 'tpu'
 
 
 class _LibraryInfoFilter(py_logging.Filter):
-    """Drops INFO/DEBUG absl records emitted from chatty libraries (orbax, grain, TFDS, backend probing)."""
+    """Drops INFO/DEBUG absl records emitted from chatty libraries (orbax, grain, TFDS, backend probing)
+    and shortens their warnings and errors to one line (no traceback) unless ``tracebacks``."""
+
+    def __init__(self, tracebacks: bool):
+        super().__init__()
+        self.tracebacks = tracebacks
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        if record.levelno >= py_logging.WARNING:
-            return True
         path = record.pathname.replace("\\", "/")
-        return not any(p in path for p in _QUIET_PATHS)
+        if not any(p in path for p in _QUIET_PATHS):
+            return True
+        if record.levelno < py_logging.WARNING:
+            return False
+        if not self.tracebacks:
+            record.msg, record.args = one_line(RuntimeError(record.getMessage())), None
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
-def quiet_library_logs() -> None:
-    """Keeps the console to the project's own lines and the libraries' warnings (idempotent)."""
+def quiet_library_logs(tracebacks: bool = False) -> None:
+    """Keeps the console to the project's own lines and the libraries' one-line warnings (idempotent)."""
     absl_logger = py_logging.getLogger("absl")
-    if not any(isinstance(f, _LibraryInfoFilter) for f in absl_logger.filters):
-        absl_logger.addFilter(_LibraryInfoFilter())
+    for f in [f for f in absl_logger.filters if isinstance(f, _LibraryInfoFilter)]:
+        absl_logger.removeFilter(f)
+    absl_logger.addFilter(_LibraryInfoFilter(tracebacks))
+    # After a failed asynchronous save, asyncio reports each abandoned write ("Task exception was never
+    # retrieved", with a traceback); the failure itself is reported once.
+    py_logging.getLogger("asyncio").setLevel(py_logging.WARNING if tracebacks else py_logging.CRITICAL)
     for name in _QUIET_LOGGERS:
         py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
+def _is_closed_loop_echo(value: BaseException | None) -> bool:
+    return isinstance(value, RuntimeError) and "Event loop is closed" in str(value)
+
+
+def _drop_closed_loop_echoes() -> None:
+    """Drops the "Event loop is closed" errors that storage callbacks print (as unraisable or uncaught
+    exceptions) after an asynchronous checkpoint operation has failed: the failure itself is reported
+    once, in one line."""
+    excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+
+    def on_exception(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        if not _is_closed_loop_echo(value):
+            excepthook(kind, value, tb)
+
+    def on_unraisable(unraisable: object) -> None:
+        if not _is_closed_loop_echo(getattr(unraisable, "exc_value", None)):
+            unraisablehook(unraisable)
+
+    sys.excepthook, sys.unraisablehook = on_exception, on_unraisable
 
 
 def one_line(e: BaseException) -> str:
@@ -61,6 +97,9 @@ def run(
 
     def fail(e: BaseException, code: int) -> None:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        # background threads of the libraries may still echo the failure at shutdown (logs, abandoned coroutines)
+        py_logging.getLogger("absl").setLevel(py_logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         sys.exit(code)
 
     def parse(args: list[str]) -> list[str]:
@@ -75,6 +114,9 @@ def run(
             raise  # unreachable
 
     def guarded(args: list[str]) -> int | None:
+        quiet_library_logs(tracebacks=flags.FLAGS.verbose)
+        if not flags.FLAGS.verbose:
+            _drop_closed_loop_echoes()
         try:
             return main(args)
         except expected as e:

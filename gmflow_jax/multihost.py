@@ -65,6 +65,15 @@ def agree(ok: bool) -> bool:
     return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
 
 
+def max_over_processes(value: int) -> int:
+    """The largest of ``value`` over all JAX processes."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int32))))
+
+
 def any_process(flag: bool) -> bool:
     """True iff ``flag`` on some JAX process."""
     return not agree(not flag)

@@ -164,7 +164,9 @@ class Sampler:
         sharding = NamedSharding(_sample_mesh(), P())
         which = "ema" if use_ema else "params"
         found, problems = ckpt_lib.newest_good(
-            [step] if step is not None else steps, lambda s: _load_step(directory, s, which, sharding), where=path
+            [step] if step is not None else steps,
+            ckpt_lib.with_retries(lambda s: _load_step(directory, s, which, sharding)),
+            where=path,
         )
         if found is None:
             raise SamplingCheckpointError(f"no usable checkpoint in {path!r} ({'; '.join(problems)}).")

@@ -16,6 +16,7 @@ from gmflow_jax import checkpoint, cli
 from gmflow_jax.multihost import DistributedInitError, initialize_distributed
 from gmflow_jax.train import TrainingError, train
 from gmflow_jax.train.config import define_config_flag
+from gmflow_jax.train.lock import WorkdirLockedError
 
 FLAGS = flags.FLAGS
 define_config_flag("config", "Experiment config: a name in configs/ (digits_gmdit) or a file path, with ':arg'.")
@@ -25,6 +26,12 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax
 flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.initialize.")
 flags.DEFINE_integer("process_id", None, "This process's id for jax.distributed.initialize.")
 flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize.")
+flags.DEFINE_bool(
+    "restart_from_scratch",
+    False,
+    "Start a new run at step 0 in a workdir that holds (or held) checkpoints; its files are moved to "
+    "<workdir>/replaced_runs/<time>/ first, nothing is deleted.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -39,12 +46,19 @@ def main(argv: list[str]) -> None:
         process_id=FLAGS.process_id,
         timeout=FLAGS.distributed_timeout,
     )
-    train(FLAGS.config, FLAGS.workdir)
+    train(FLAGS.config, FLAGS.workdir, restart_from_scratch=FLAGS.restart_from_scratch)
 
 
 if __name__ == "__main__":
     cli.run(
         main,
         prog="gmflow_jax.train",
-        expected=(ValueError, OSError, TrainingError, checkpoint.CheckpointError, DistributedInitError),
+        expected=(
+            ValueError,
+            OSError,
+            TrainingError,
+            checkpoint.CheckpointError,
+            DistributedInitError,
+            WorkdirLockedError,
+        ),
     )

@@ -34,6 +34,7 @@ file starts from ``base_config()`` and changes values. Fields:
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -195,11 +196,59 @@ def load_config(path_or_name: str, arg: str | None = None) -> ml_collections.Con
         module = importlib.import_module(f"{CONFIG_PACKAGE}.{spec}")
     if not hasattr(module, "get_config"):
         raise ValueError(f"config {spec!r} has no get_config(arg=None) function.")
-    config = module.get_config(arg) if arg is not None else module.get_config()
+    try:
+        config = module.get_config(arg) if arg is not None else module.get_config()
+    except (TypeError, KeyError, AttributeError) as e:  # e.g. a string where the schema has a number
+        raise ValueError(f"config {spec!r}: get_config failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"config {spec!r}: get_config returned {type(config).__name__}, expected a ConfigDict.")
+    check_schema(config)
     config.lock()
     return config
+
+
+def schema_for(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The schema a config must follow: ``base_config()``, with the toy model's fields for ``model.kind='toy'``."""
+    schema = base_config()
+    if config.get("model", {}).get("kind") == "toy":
+        schema.model = toy_model_config()
+    return schema
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int | float):
+        return "an int" if isinstance(value, int) else "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, tuple | list):
+        return "a tuple"
+    if isinstance(value, ml_collections.ConfigDict | dict):
+        return "a group of fields"
+    return type(value).__name__
+
+
+def check_schema(config: ml_collections.ConfigDict, schema: Any = None, prefix: str = "config") -> None:
+    """``ValueError`` for the first field that the schema does not have (naming the nearest known field) or
+    whose value is of another kind than the schema's (an int where the schema has an int; a number
+    where it has a float; bools, strings, tuples and groups as they are)."""
+    schema = schema_for(config) if schema is None else schema
+    for key, value in config.items():
+        field = f"{prefix}.{key}"
+        if key not in schema:
+            near = difflib.get_close_matches(key, list(schema.keys()), n=1)
+            hint = f"; did you mean {prefix}.{near[0]}?" if near else f"; expected one of {sorted(schema.keys())}"
+            raise ValueError(f"{field} is not a field of the config schema{hint}")
+        expected = schema[key]
+        if isinstance(expected, ml_collections.ConfigDict):
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(f"{field} must be a group of fields; got {value!r}.")
+            check_schema(value, expected, field)
+        elif expected is not None and value is not None:
+            want, got = _kind(expected), _kind(value)
+            if want != got and not (want == "a number" and got == "an int"):
+                raise ValueError(f"{field} must be {want} (as in the schema); got {value!r} ({type(value).__name__}).")
 
 
 def define_config_flag(name: str, help_string: str) -> Any:
@@ -274,6 +323,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     """``ValueError`` naming the field and the expected value for anything wrong (before compiling)."""
     from gmflow_jax.data import KNOWN_DATASETS
 
+    check_schema(c)
     _int(c, "seed", 0)
     _need(c.seed < 2**32, "seed", "an int in [0, 2**32)", c.seed)
     _int(c, "num_steps", 1)

@@ -12,12 +12,14 @@ SIGTERM / SIGINT save the current step, wait for it and return normally (exit 0)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -29,10 +31,11 @@ from absl import logging
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
-from gmflow_jax.multihost import any_process, primary_first
+from gmflow_jax.multihost import agree, any_process, barrier, primary_first
 from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
 from gmflow_jax.train.config import resolve_data_dir, validate_config
 from gmflow_jax.train.data import check_data, make_data_iterator
+from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
 from gmflow_jax.train.step import make_train_step
@@ -65,16 +68,16 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json`` and ``config.yaml``; warns if a previous run's config differs."""
+    """Writes ``config.json`` and ``config.yaml``; warns naming the fields that differ from the previous run's."""
     path = os.path.join(workdir, "config.json")
     text = config.to_json_best_effort(indent=2, sort_keys=True)
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        new = json.loads(text)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            logging.warning("the config differs from the previous run in this workdir in: %s", ", ".join(changed))
+        if old != json.loads(text):
+            logging.warning(
+                "the config differs from the previous run's: %s", ckpt_lib.config_changes(old, json.loads(text))
+            )
     for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
         tmp = os.path.join(workdir, name + ".tmp")
         with open(tmp, "w") as f:
@@ -82,15 +85,10 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         os.replace(tmp, os.path.join(workdir, name))
 
 
-def flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``{'optim.lr': 2e-4, ...}``: scalars as they are, anything else as its string."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(flat_config(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
-    return out
+    flat = ckpt_lib.flat_dict(config.to_dict())
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
 class StopRequest:
@@ -144,56 +142,102 @@ def finite_check(setup: StateSetup) -> Any:
 # --- the loop --------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scratch: bool = False) -> TrainState:
     """Trains (or resumes) the run in ``workdir`` up to ``config.num_steps``; returns the final state.
 
     Returns early, after saving, when SIGTERM/SIGINT arrives (also during set-up or compilation).
-    Raises ``ValueError`` for a bad config (before anything compiles), ``CheckpointError`` if
-    checkpoints exist but none restores, ``TrainingError`` for a non-finite loss.
+    Raises ``ValueError`` for a bad config (before anything compiles), ``WorkdirLockedError`` if
+    another trainer holds ``workdir``, ``CheckpointError`` if checkpoints exist but none fits or
+    restores (nothing is changed for a config that does not fit), or if the workdir once held
+    checkpoints and none is left: it never silently starts over. ``restart_from_scratch`` moves
+    everything in the workdir to ``replaced_runs/<time>/`` first and trains from step 0.
+    ``TrainingError`` for a non-finite loss.
     """
     validate_config(config)
     mesh = make_mesh(config.mesh)
     check_devices(config)
+    workdir = os.path.abspath(workdir)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file; expected a directory (it is created if missing).")
     data_dir = resolve_data_dir(config.data.data_dir)
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
     check_data(config, source)
-    workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        write_config(config, workdir)
-    logging.info(
-        "mesh %s over %d devices in %d processes; dataset %s (%d examples) from %s",
-        dict(mesh.shape),
-        jax.device_count(),
-        jax.process_count(),
-        config.data.dataset,
-        len(source),
-        data_dir,
-    )
-    with StopRequest(config.checkpoint.preemption_check_every) as stop:
-        setup = setup_state(config, mesh)
-        logging.info("model: %s parameters", f"{setup.num_params():,}")
-        iterator = make_data_iterator(config, source, mesh, data_dir)
-        ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
-        try:
-            state, resumed = _initial_state(config, setup, iterator, ckpt)
-            return _loop(config, workdir, mesh, setup, iterator, ckpt, state, resumed, stop)
-        finally:
+    with _hold_workdir(workdir):
+        if restart_from_scratch and jax.process_index() == 0:
+            moved = ckpt_lib.set_aside(workdir, keep=(LOCK_FILE,))
+            if moved:
+                logging.warning("--restart_from_scratch: the previous run's files were moved to %s", moved)
+        barrier("gmflow_set_aside")
+        _refuse_fresh_start_in_used_workdir(workdir)  # early, before orbax starts its threads
+        logging.info(
+            "mesh %s over %d devices in %d processes; dataset %s (%d examples) from %s",
+            dict(mesh.shape),
+            jax.device_count(),
+            jax.process_count(),
+            config.data.dataset,
+            len(source),
+            data_dir,
+        )
+        with StopRequest(config.checkpoint.preemption_check_every) as stop:
+            setup = setup_state(config, mesh)
+            logging.info("model: %s parameters", f"{setup.num_params():,}")
+            iterator = make_data_iterator(config, source, mesh, data_dir)
+            ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
             try:
-                ckpt.close()
+                state, resumed = _initial_state(config, setup, iterator, ckpt)
+                if jax.process_index() == 0:
+                    write_config(config, workdir)  # only once the run is known to fit the workdir
+                return _loop(config, workdir, mesh, setup, iterator, ckpt, state, resumed, stop)
             finally:
-                iterator.close()
+                try:
+                    ckpt.close()
+                finally:
+                    iterator.close()
+
+
+@contextlib.contextmanager
+def _hold_workdir(workdir: str) -> Iterator[None]:
+    """The workdir lock, held by process 0 for all processes (they all stop if it is taken)."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        lock = WorkdirLock(workdir)
+        try:
+            lock.acquire()
+        except WorkdirLockedError as e:
+            lock, error = None, e
+    if not agree(error is None):
+        raise error or WorkdirLockedError(f"process 0 could not lock the workdir {workdir}")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _refuse_fresh_start_in_used_workdir(workdir: str) -> None:
+    """``CheckpointError`` if ``workdir`` once held checkpoints but has none to resume from."""
+    if not ckpt_lib.list_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)) and ckpt_lib.once_held_checkpoints(
+        workdir
+    ):
+        raise ckpt_lib.CheckpointError(
+            f"{workdir} held checkpoints before (see {ckpt_lib.DAMAGED_DIR}/ and {ckpt_lib.MANIFEST_DIR}/) "
+            "but has none left to resume from; refusing to start over from step 0. Pass --restart_from_scratch "
+            "to set the old files aside and start a new run here, or use a new --workdir."
+        )
 
 
 def _initial_state(
     config: ml_collections.ConfigDict, setup: StateSetup, iterator: Any, ckpt: ckpt_lib.Checkpointer
 ) -> tuple[TrainState, bool]:
     """The newest good checkpoint of the workdir (and the iterator moved to it), else a fresh state."""
-    restored = ckpt.restore_latest(setup.abstract.to_dict(), iterator, finite_check(setup))
+    config_dict = json.loads(config.to_json_best_effort())
+    restored = ckpt.restore_latest(setup.abstract.to_dict(), iterator, finite_check(setup), config_dict)
     if restored is not None:
         step, state_dict = restored
         logging.info("resumed from %s at step %d", ckpt.directory, step)
         return TrainState.from_dict(state_dict), True
+    _refuse_fresh_start_in_used_workdir(ckpt.workdir)
     state = init_state(setup, config.seed)
     if config.init_from:
         params, ema = ckpt_lib.load_weights(config.init_from, setup.abstract.params)
@@ -291,6 +335,7 @@ def _loop(
             if pending is not None:
                 read_metrics(pending)  # the previous step: the device runs this one meanwhile
             pending = (step, metrics)
+            ckpt.check_for_errors()  # a failed asynchronous save stops the run at the next step
             step += 1
             for hook in hooks:
                 hook(step)

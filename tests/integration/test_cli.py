@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import DIT, run, train_cmd
-
-ABSL_LOG_LINE = re.compile(r"^[IWEF]\d{4} ")
+from train_helpers import DIT, error_line, run, train_cmd
 
 
 @pytest.fixture(scope="module")
@@ -40,14 +38,6 @@ def test_sampling_cli_writes_npz_and_png(workdir, tmp_path):
         np.testing.assert_allclose(f["guidance"], [0.0, 0.3])
         assert int(f["step"]) == 4
     assert (tmp_path / "cli" / "samples_w0.png").is_file() and (tmp_path / "cli" / "samples_w0.3.png").is_file()
-
-
-def error_line(result, code: int) -> str:
-    """The process failed with ``code`` and printed exactly one line (the error) besides absl's log lines."""
-    assert result.returncode == code, result.stdout[-3000:]
-    lines = [line for line in result.stdout.splitlines() if line.strip() and not ABSL_LOG_LINE.match(line)]
-    assert len(lines) == 1 and "Traceback" not in result.stdout, result.stdout[-3000:]
-    return lines[0]
 
 
 @pytest.mark.parametrize(

@@ -46,8 +46,14 @@ def train_cmd(config: str, workdir: str | Path, data_dir: str | Path, *flags: st
     ]
 
 
-def run(cmd: Sequence[str], *, devices: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Runs a command to completion; stdout+stderr captured as text in ``.stdout``."""
+def run(
+    cmd: Sequence[str], *, devices: int = 1, timeout: float = 300, file_size_limit: int | None = None
+) -> subprocess.CompletedProcess:
+    """Runs a command to completion; stdout+stderr captured as text in ``.stdout``. ``file_size_limit``
+    (bytes): no file the child writes may grow past it (writes fail with "File too large")."""
+
+    if file_size_limit:  # through the shell: a preexec_fn would fork this multithreaded (JAX) process
+        cmd = ["bash", "-c", f'ulimit -f {file_size_limit // 1024} && exec "$@"', "bash", *cmd]
     return subprocess.run(
         list(cmd),
         env=child_env(devices),
@@ -57,6 +63,15 @@ def run(cmd: Sequence[str], *, devices: int = 1, timeout: float = 300) -> subpro
         text=True,
         timeout=timeout,
     )
+
+
+def error_line(result: subprocess.CompletedProcess, code: int) -> str:
+    """The process exited with ``code``, printed no traceback, and its last line is its one error line."""
+    assert result.returncode == code, result.stdout[-3000:]
+    assert "Traceback" not in result.stdout, result.stdout[-3000:]
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("gmflow_jax."), result.stdout[-3000:]
+    return last
 
 
 def start(cmd: Sequence[str], *, devices: int = 1, log: Path | None = None) -> subprocess.Popen:

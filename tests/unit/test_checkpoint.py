@@ -96,8 +96,83 @@ def test_newest_good_falls_back_and_reports(workdir):
             raise OSError("disk says no\nsecond line")
         return f"state {step}"
 
-    found, problems = ckpt.newest_good([1, 2, 3], attempt, damaged.append, where=workdir)
-    assert found == (2, "state 2") and damaged == [3]
+    found, problems = ckpt.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append((s, why)), where=workdir)
+    assert found == (2, "state 2") and damaged == [(3, "OSError: disk says no")]
     assert problems == ["step 3: OSError: disk says no"]
     found, problems = ckpt.newest_good([3], attempt, where=workdir)
     assert found is None and len(problems) == 1
+
+
+def test_incompatible_and_transient_stop_the_search_without_damage(workdir):
+    damaged = []
+
+    def attempt(step: int) -> str:
+        raise ckpt.IncompatibleCheckpointError(f"step {step} does not fit")
+
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match="step 3 does not fit"):
+        ckpt.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append(s), where=workdir)
+    assert damaged == []
+
+
+def test_with_retries_retries_transient_errors_only():
+    calls = []
+
+    def flaky(step: int) -> str:
+        calls.append(step)
+        if len(calls) < 3:
+            raise TimeoutError("storage timed out")
+        return "ok"
+
+    assert ckpt.with_retries(flaky, delays=(0.0, 0.0, 0.0))(7) == "ok" and calls == [7, 7, 7]
+
+    def down(step: int) -> str:
+        raise ValueError("UNAVAILABLE: the bucket is unreachable")
+
+    with pytest.raises(ckpt.TransientCheckpointError, match="failed 3 times .*UNAVAILABLE.*nothing was changed"):
+        ckpt.with_retries(down, delays=(0.0, 0.0))(7)
+    calls.clear()
+
+    def broken(step: int) -> str:
+        calls.append(step)
+        raise ValueError("FAILED_PRECONDITION: ZSTD_decompressStream() failed")
+
+    with pytest.raises(ValueError, match="ZSTD"):
+        ckpt.with_retries(broken, delays=(0.0, 0.0))(7)
+    assert calls == [7]  # damage is not retried
+
+
+def test_check_compatible_names_the_config_fields(workdir):
+    directory = os.path.join(workdir, ckpt.CHECKPOINT_DIR)
+    same = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state(0))
+    ckpt.check_compatible(directory, 2, same, {"model": {"depth": 2}})  # fits: no error
+    wider = dict(same, params={"w": jax.ShapeDtypeStruct((4, 2), jnp.float32), "b": same["params"]["b"]})
+    with pytest.raises(ckpt.IncompatibleCheckpointError) as info:
+        ckpt.check_compatible(directory, 2, wider, {"model": {"depth": 5}})
+    message = str(info.value)
+    assert (
+        "model.depth 2 → 5" in message and "params/w: (3, 2) → (4, 2)" in message and "Nothing was changed" in message
+    )
+
+
+def test_describe_reports_the_root_cause_in_one_line():
+    try:
+        try:
+            raise ValueError("FAILED_PRECONDITION: " + "x" * 400 + " ZSTD_decompressStream() failed")
+        except ValueError as inner:
+            raise Exception("Encountered error while reading array index\nSee full details") from inner
+    except Exception as e:
+        line = ckpt.describe(e)
+    assert line.startswith("ValueError: FAILED_PRECONDITION") and line.endswith("ZSTD_decompressStream() failed")
+    assert " … " in line and "\n" not in line and len(line) < 330
+
+
+def test_once_held_and_set_aside(workdir, tmp_path):
+    assert ckpt.once_held_checkpoints(workdir)
+    fresh = tmp_path / "fresh"
+    writer = ckpt.Checkpointer(str(fresh), keep=2, async_save=False)
+    writer.close()  # no save: the workdir never held a checkpoint
+    assert not ckpt.once_held_checkpoints(str(fresh))
+    moved = ckpt.set_aside(workdir, keep=("config.json",))
+    assert sorted(os.listdir(workdir)) == ["config.json", ckpt.SET_ASIDE_DIR]
+    assert ckpt.list_steps(os.path.join(moved, ckpt.CHECKPOINT_DIR)) == [1, 2, 3]
+    assert not ckpt.once_held_checkpoints(workdir)
