@@ -138,16 +138,18 @@ class Checkpointer:
 
     # --- saving -------------------------------------------------------------------------
 
-    def save(self, step: int, state: dict[str, Any], data_state: bytes, meta: dict[str, Any]) -> None:
-        """Starts saving ``state`` (a pytree of jax.Arrays) at ``step``; returns once the arrays are copied."""
-        import grain  # the trainer's dependency: readers of checkpoints never import it
+    def save(self, step: int, state: dict[str, Any], data_state: bytes | None, meta: dict[str, Any]) -> None:
+        """Starts saving ``state`` (a pytree of jax.Arrays) at ``step``; returns once the arrays are copied.
 
+        ``data_state``: the data iterator's position (None for a weights-only checkpoint, e.g. a
+        converted published model)."""
         self._finish_previous()
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state)),
-            meta=ocp.args.JsonSave(meta),
-        )
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+        if data_state is not None:
+            import grain  # the trainer's dependency: readers of checkpoints never import it
+
+            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
+        args = ocp.args.Composite(**items)
         self._mngr.save(step, args=args, force=True)
         self._unmanifested.append(step)
         if not self._async:
@@ -500,6 +502,11 @@ def check_compatible(directory: str, step: int, abstract_state: Any, config: dic
         for k in sorted(set(stored) | set(wanted))
         if stored.get(k) != wanted.get(k)
     ]
+    if "opt_state" not in {k.split("/")[0] for k in stored}:
+        raise IncompatibleCheckpointError(
+            f"checkpoint step {step} in {directory} holds weights only (a converted model), no optimizer state to "
+            "resume from. Nothing was changed: start a new --workdir with --config.init_from pointing here."
+        )
     try:
         changes = config_changes(read_meta(directory, step)["config"], config)
     except CheckpointError:

@@ -63,15 +63,19 @@ def _load_step(directory: str, step: int, which: str, sharding: NamedSharding) -
 def sample_fn(graphdef: nnx.GraphDef, data_shape: tuple[int, ...], null_label: int | None, static: tuple) -> Callable:
     """The (unjitted) sampler of one static configuration
     ``(solver, order, num_steps, num_substeps, guided, sweep, use_spectrum)``:
-    ``(params, k_noise, k_solver, index (N,), labels (N,) | None, guidance () | (G,), orthogonal, shift) -> x0``.
+    ``(params, k_noise, k_solver, index (N,), labels (N,) | None, guidance () | (G,), orthogonal, shift,
+    noise=None) -> x0``.
 
-    Sample ``i`` starts from the noise ``normal(fold_in(k_noise, index[i]))``.
+    Sample ``i`` starts from ``noise[i]`` when ``noise`` (N, *data_shape) is given, else from
+    ``normal(fold_in(k_noise, index[i]))``.
     """
     solver, order, num_steps, num_substeps, guided, sweep, use_spectrum = static
 
-    def run(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift):
+    def run(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None):
         model = nnx.merge(graphdef, params)
-        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape, jnp.float32))(index)
+        if noise is None:
+            draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape, jnp.float32)  # noqa: E731
+            noise = jax.vmap(draw)(index)
         spectrum_fn = model.spectrum if use_spectrum else None
 
         def one(w: jax.Array) -> jax.Array:
@@ -119,6 +123,7 @@ class Sampler:
         *,
         step: int | None = None,
         path: str | None = None,
+        workdir: str | None = None,
     ):
         self.mesh = _sample_mesh()
         self._replicated = NamedSharding(self.mesh, P())
@@ -132,6 +137,8 @@ class Sampler:
         self.num_classes = int(config.model.get("num_classes", 0) or 0)
         self.null_label = self.num_classes if self.num_classes > 0 else None
         self.has_spectrum = bool(config.model.get("spectrum", False))
+        self.workdir = workdir
+        self._vae: Any = None
         self._fns: dict[tuple, Callable[..., jax.Array]] = {}
         self.traces: dict[tuple, int] = {}  # static configuration -> times traced (compiled)
 
@@ -173,7 +180,9 @@ class Sampler:
         s, (graphdef, params, config) = found
         if problems:
             logging.warning("sampling from the previous good checkpoint, step %d", s)
-        return cls(graphdef, params, config, step=s, path=os.path.join(directory, str(s)))
+        return cls(
+            graphdef, params, config, step=s, path=os.path.join(directory, str(s)), workdir=os.path.dirname(directory)
+        )
 
     # --- helpers ------------------------------------------------------------------------
 
@@ -182,6 +191,34 @@ class Sampler:
         if self.num_classes == 0:
             raise ValueError("class_grid needs a class-conditional model; this one has num_classes=0.")
         return np.repeat(np.arange(self.num_classes, dtype=np.int32), num_per_class)
+
+    def decode(self, latents: Any) -> np.ndarray:
+        """Latents in the model's scaled space (as sampled), (N, h, w, C) or (G, N, h, w, C), -> uint8 images
+        (N, H, W, 3) or (G, N, H, W, 3) through the run's VAE (``config.model.vae``)."""
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim == 5:
+            return np.stack([self.decode(x) for x in latents])
+        if latents.ndim != 4 or latents.shape[1:] != self.data_shape:
+            raise ValueError(
+                f"latents must have shape (N, {', '.join(map(str, self.data_shape))}); got {latents.shape}."
+            )
+        from gmflow_jax.models import vae as vae_lib
+
+        return vae_lib.decode(self.vae, latents)
+
+    @property
+    def vae(self) -> Any:
+        """The VAE of ``config.model.vae`` (a diffusers folder; relative to the workdir), loaded on first use."""
+        if self._vae is None:
+            folder = str(self.config.model.get("vae", "") or "")
+            if not folder:
+                raise ValueError("decode needs a latent model: this run's config.model.vae is '' (pixel-space data).")
+            if not os.path.isabs(folder):
+                folder = os.path.join(self.workdir or os.getcwd(), folder)
+            from gmflow_jax.models import vae as vae_lib
+
+            self._vae = vae_lib.load_vae(folder)
+        return self._vae
 
     @property
     def num_traces(self) -> int:
@@ -265,6 +302,8 @@ class Sampler:
         batch_size: int = 512,
         use_spectrum: bool = True,
         progress: bool | None = None,
+        noise: Any = None,
+        decode: bool = False,
     ) -> np.ndarray:
         """Draws ``x0``: (N, *data_shape), or (G, N, *data_shape) when ``guidance`` is a 1-D sweep of G values.
 
@@ -275,7 +314,10 @@ class Sampler:
         guidance bias projection (None: 1 for GM solvers, 0 = plain CFG for baselines); ``num_substeps``
         for 'gm-ode' only. 'gm-sde' uses the model's SpectrumMLP on images when it has one and
         ``use_spectrum``. Samples are drawn ``batch_size`` at a time (all G sweep values at once),
-        with a progress line per chunk when there is more than one (``progress``).
+        with a progress line per chunk when there is more than one (``progress``). ``noise``
+        (N, *data_shape): the starting ``x`` at t = 1 instead of the drawn noise (to reproduce a sample
+        made elsewhere). ``decode``: return uint8 images (N, H, W, 3) (or (G, N, H, W, 3)) through the
+        run's VAE (see ``decode``).
         """
         solvers.check_settings(solver, order, num_steps, num_substeps, guidance)
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
@@ -286,7 +328,15 @@ class Sampler:
             orthogonal = solvers.default_orthogonal(solver)
         if not (isinstance(orthogonal, int | float) and 0.0 <= orthogonal <= 1.0):
             raise ValueError(f"orthogonal must be a number in [0, 1] or None; got {orthogonal!r}.")
+        if noise is not None:
+            noise = np.asarray(noise, np.float32)
+            if noise.ndim != 1 + len(self.data_shape) or noise.shape[1:] != self.data_shape:
+                raise ValueError(f"noise must have shape (N, *{self.data_shape}); got {noise.shape}.")
+            if num_samples is None and (labels is None or np.ndim(labels) == 0):
+                num_samples = noise.shape[0]
         labels_np, n = self._labels(labels, num_samples)
+        if noise is not None and noise.shape[0] != n:
+            raise ValueError(f"noise has {noise.shape[0]} samples but there are {n} labels / num_samples.")
         g, sweep = self._guidance(guidance, solver)
         if isinstance(key, int | np.integer):
             key = jax.random.PRNGKey(int(key))
@@ -315,6 +365,11 @@ class Sampler:
                 lab = np.zeros((chunk,), np.int32)
                 lab[: min(chunk, n - start)] = labels_np[start : start + chunk]
                 lab = jax.device_put(lab, self._batch_sharding)
+            given = None
+            if noise is not None:
+                given = np.zeros((chunk, *self.data_shape), np.float32)
+                given[: min(chunk, n - start)] = noise[start : start + chunk]
+                given = jax.device_put(given, self._batch_sharding)
             return fn(
                 self.params,
                 k_noise,
@@ -324,6 +379,7 @@ class Sampler:
                 g_dev,
                 orth_dev,
                 shift_dev,
+                given,
             )
 
         outs: list[np.ndarray] = []
@@ -340,4 +396,5 @@ class Sampler:
                     f"sampling {solver}: {done}/{n} samples, {elapsed:.1f} s, ETA {elapsed * (n - done) / done:.1f} s",
                     flush=True,
                 )
-        return np.concatenate(outs, axis=1 if sweep else 0)
+        x = np.concatenate(outs, axis=1 if sweep else 0)
+        return self.decode(x) if decode else x

@@ -14,7 +14,9 @@ file starts from ``base_config()`` and changes values. Fields:
   rows: the stream is then independent of the process layout) or ``'device'`` (small datasets:
   held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.data.device``),
   ``worker_count``, ``prefetch``.
-* ``model``: see ``gmflow_jax.models.factory``.
+* ``model``: see ``gmflow_jax.models.factory``; ``model.vae``: the diffusers ``AutoencoderKL`` folder
+  whose (scaled) latents the model works in, ``''`` for pixel-space data; a relative path is
+  relative to the run's workdir (the Sampler decodes with it).
 * ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
   ``t_mode`` ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``,
   ``label_dropout``.
@@ -37,12 +39,15 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 from typing import Any
 
 import ml_collections
+from absl import logging
 
+from gmflow_jax.checkpoint import config_changes
 from gmflow_jax.models.factory import MODEL_KINDS
 
 CONFIG_PACKAGE = "gmflow_jax.configs"
@@ -101,6 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
             remat=False,
             spectrum=True,
             spectrum_base_size=(8, 8),
+            vae="",
         )
     )
     c.loss = ml_collections.ConfigDict(
@@ -406,3 +412,21 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _int(c, "log.profile_first_step", 0)
     _int(c, "log.profile_steps", 1)
     _int(c, "debug.nan_at_step", -1)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes ``config.json`` and ``config.yaml``; warns naming the fields that differ from the previous run's."""
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json_best_effort(indent=2, sort_keys=True)
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != json.loads(text):
+            logging.warning(
+                "the config differs from the previous run's: %s", config_changes(old, json.loads(text))
+            )
+    for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
+        tmp = os.path.join(workdir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(content)
+        os.replace(tmp, os.path.join(workdir, name))

@@ -33,7 +33,7 @@ from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import agree, any_process, barrier, primary_first
 from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
-from gmflow_jax.train.config import resolve_data_dir, validate_config
+from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.preview import make_preview_fn
@@ -65,24 +65,6 @@ def check_devices(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices "
             f"(and {n_proc} processes); expected a multiple of {math.lcm(n_dev, n_proc)}."
         )
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json`` and ``config.yaml``; warns naming the fields that differ from the previous run's."""
-    path = os.path.join(workdir, "config.json")
-    text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        if old != json.loads(text):
-            logging.warning(
-                "the config differs from the previous run's: %s", ckpt_lib.config_changes(old, json.loads(text))
-            )
-    for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
-        tmp = os.path.join(workdir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(workdir, name))
 
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -76,6 +76,10 @@ def _rel_err(a, b) -> float:
 
 @pytest.fixture(scope="module")
 def torch_dit():
+    return make_torch_dit()
+
+
+def make_torch_dit():
     """diffusers' DiT (random weights, per-block embeddings tied) and a torch logstd head."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
