@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -24,3 +27,18 @@ def machine() -> str:
 
 def today() -> str:
     return time.strftime("%Y-%m-%d")
+
+
+def print_result(result: dict) -> None:
+    """What a case's subprocess prints for ``run_case_subprocess`` to read."""
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_case_subprocess(cmd: list[str], name: str) -> dict:
+    """Runs one benchmark case in its own process (its peak RSS is its own) and returns its RESULT dict."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    out = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=False)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise SystemExit(f"case {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+    return json.loads(line[len("RESULT ") :])

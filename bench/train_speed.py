@@ -12,10 +12,7 @@ pipeline is not measured); the step is the trainer's jitted, state-donating trai
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -99,28 +96,23 @@ def main() -> None:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import machine, print_result, run_case_subprocess, today
+
     if args.one:
         batch = args.batch or DEFAULT_BATCH[args.one]
         steps = args.steps or (20 if args.one == "digits" else 2)
-        print("RESULT " + json.dumps(run_case(args.one, batch, steps)), flush=True)
+        print_result(run_case(args.one, batch, steps))
         return
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import machine, today
 
     rows = []
     for name in args.cases:
-        cmd = [sys.executable, __file__, "--one", name]
+        cmd = [__file__, "--one", name]
         if args.steps:
             cmd += ["--steps", str(args.steps)]
         if args.batch:
             cmd += ["--batch", str(args.batch)]
-        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if out.returncode or line is None:
-            raise SystemExit(f"case {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-        rows.append(json.loads(line[len("RESULT ") :]))
+        rows.append(run_case_subprocess(cmd, name))
 
     print(f"Train step, {today()}, {machine()}\n")
     print("| case | params | batch | compile (s) | step (s) | images/s | peak host RSS (MB) |")

@@ -4,8 +4,13 @@ Batch 4096, 200K iterations, AdamW 2e-4 (1000-step warm-up from 0.001×), betas 
 weight decay 0.05, gradient clip 10 from step 1000, bf16 compute, λ = 0.5, logit-normal t, loss
 weight 2, SpectrumMLP (weight 1), label dropout 0.1, FSDP over the 'fsdp' mesh axis.
 
-Needs the ImageNet latents dataset (``imagenet_latents``) of a later issue; until it exists the
-trainer stops at config validation with a message saying so.
+Needs the ``imagenet_latents`` dataset (256² ADM crops, 32×32×4 latents), built once with
+``python -m gmflow_jax.data.build_imagenet``; set ``--config.model.vae`` to the VAE folder it was encoded
+with (the trainer checks it against the dataset's record).
+
+``get_config('tiny')`` trains a one-block GM-DiT (like ``digits_gmdit:tiny``) on the 8×8×4 latents of a
+tiny synthetic ImageNet (``gmflow_jax.data.imagenet.write_synthetic_imagenet``: up to 10 synsets, 32²
+crops, a VAE with downsampling factor 4), batch 8, no FSDP: the tests' model.
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ import ml_collections
 
 from gmflow_jax.train.config import base_config, fsdp_rules
 
+VARIANTS = ("default", "tiny")
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: unused."""
-    del arg
+    """``arg``: None / 'default', or 'tiny'."""
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"imagenet_gmdit_k8 variant must be one of {VARIANTS}; got {arg!r}.")
     c = base_config()
     c.data.dataset = "imagenet_latents"
+    c.data.image_size = 256
     c.data.worker_count = 8
     c.num_steps = 200_000
     c.batch_size = 4096
@@ -55,4 +65,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log.every_steps = 100
     c.log.sample_every_steps = 10_000
     c.log.sample_per_class = 8
+    if variant == "tiny":
+        c.data.update(image_size=32, read="per_process", worker_count=0, prefetch=0)
+        c.update(num_steps=20, batch_size=8, mesh=(-1, 1))
+        c.sharding = base_config().sharding
+        c.model.update(
+            arch="",
+            input_size=8,
+            num_classes=10,
+            patch_size=2,
+            hidden_size=32,
+            depth=1,
+            num_heads=2,
+            num_gaussians=2,
+            logstd_inner_dim=16,
+            dtype="float32",
+            remat=False,
+            spectrum_base_size=(8, 8),
+        )
+        c.optim.update(warmup_steps=10, clip_start=0)
+        c.checkpoint.every_steps = 10
+        c.log.update(every_steps=1, sample_every_steps=0)
     return c

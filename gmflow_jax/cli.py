@@ -84,6 +84,31 @@ def one_line(e: BaseException) -> str:
     return joined if len(joined) <= 300 else lines[0]
 
 
+def define_multihost_flags() -> None:
+    """``--multihost`` / ``--coordinator_address --num_processes --process_id`` / ``--distributed_timeout``."""
+    flags.DEFINE_bool(
+        "multihost", False, "Call jax.distributed.initialize() from the environment (TPU pods, SLURM...)."
+    )
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.initialize.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.initialize.")
+    flags.DEFINE_integer("process_id", None, "This process's id for jax.distributed.initialize.")
+    flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize.")
+
+
+def initialize_multihost() -> None:
+    """``jax.distributed.initialize`` as the multihost flags ask (nothing without them); a failure is an error."""
+    from gmflow_jax.multihost import initialize_distributed
+
+    f = flags.FLAGS
+    initialize_distributed(
+        multihost=f.multihost,
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+        timeout=f.distributed_timeout,
+    )
+
+
 def run(
     main: Callable[[list[str]], int | None],
     *,

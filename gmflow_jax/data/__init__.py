@@ -10,12 +10,15 @@ from gmflow_jax.data.builders import (
     get_builder,
     load_source,
 )
+from gmflow_jax.data.imagenet import ImagenetLatents, LatentSource
 from gmflow_jax.data.pipeline import BatchIterator, batch_sharding, make_iterator, make_loader
 
 __all__ = [
     "KNOWN_DATASETS",
     "WHITE_SQUARES",
     "BatchIterator",
+    "ImagenetLatents",
+    "LatentSource",
     "batch_sharding",
     "checkerboard_cell",
     "checkerboard_inside",

@@ -17,7 +17,9 @@ Checkerboard parity: the board has 2×2 squares; with cell coordinates ``c = flo
 checkerboard.
 
 Building happens on first use into the given ``data_dir`` (``<data_dir>/<name>/<version>``);
-later calls reuse the files. Nothing is downloaded and GCS is never consulted.
+later calls reuse the files. ``imagenet_latents`` (``gmflow_jax.data.imagenet``) is the exception: it is
+built once by ``python -m gmflow_jax.data.build_imagenet`` and only read here. Nothing is downloaded
+and GCS is never consulted.
 """
 
 from __future__ import annotations
@@ -160,20 +162,31 @@ class Checkerboard(_LocalBuilder, skip_registration=True):
 
 
 BUILDERS: dict[str, type[_LocalBuilder]] = {"digits": Digits, "checkerboard": Checkerboard}
-KNOWN_DATASETS: tuple[str, ...] = ("checkerboard", "checkerboard/1m", "checkerboard/64k", "digits")
+KNOWN_DATASETS: tuple[str, ...] = ("checkerboard", "checkerboard/1m", "checkerboard/64k", "digits", "imagenet_latents")
 
 
 def get_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.GeneratorBasedBuilder:
     """The array_record builder for ``name`` (``'dataset'`` or ``'dataset/config'``) at ``data_dir``.
 
     The dataset is built there on first use (``<data_dir>/<dataset>[/<config>]/<version>``) and
-    reused afterwards. Raises ``ValueError`` for unknown names or a missing ``data_dir``.
+    reused afterwards, except ``imagenet_latents`` (built by ``gmflow_jax.data.build_imagenet``).
+    Raises ``ValueError`` for unknown names, a missing ``data_dir`` or an unbuilt ``imagenet_latents``.
     """
     if not isinstance(name, str) or name not in KNOWN_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
     if data_dir is None or not os.fspath(data_dir):
         raise ValueError(f"dataset {name!r} needs a data_dir to build into and read from, got {data_dir!r}")
     dataset, _, config = name.partition("/")
+    if dataset == "imagenet_latents":
+        from gmflow_jax.data import imagenet
+
+        with _quiet():
+            builder = imagenet.ImagenetLatents(data_dir=os.fspath(data_dir), file_format="array_record")
+        if not builder.is_prepared():
+            raise ValueError(
+                f"dataset {name!r} is not built in {os.fspath(data_dir)}; build it with: {imagenet.BUILD_COMMAND}"
+            )
+        return builder
     with _quiet():
         builder = BUILDERS[dataset](data_dir=os.fspath(data_dir), config=config or None, file_format="array_record")
         if not builder.is_prepared():
@@ -188,11 +201,18 @@ def load_source(name: str, data_dir: str | os.PathLike, split: str = "train") ->
     """Random-access source (``len``, ``[i]``) of ``{'image': ndarray, 'label': int}`` records.
 
     ``name`` is one of ``KNOWN_DATASETS``; built into ``data_dir`` on first use. What grain reads.
+    ``imagenet_latents`` records are read as ``{'image': latent, 'label'}`` (a ``LatentSource``, with
+    the dataset's ``metadata``).
     """
     builder = get_builder(name, data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"dataset {name!r} has no split {split!r}; splits: {sorted(builder.info.splits)}")
-    return builder.as_data_source(split=split)
+    source = builder.as_data_source(split=split)
+    if name == "imagenet_latents":
+        from gmflow_jax.data.imagenet import LatentSource
+
+        return LatentSource(source, dict(builder.info.metadata))
+    return source
 
 
 @contextlib.contextmanager

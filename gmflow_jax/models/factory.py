@@ -43,8 +43,12 @@ def data_shape(mcfg: Any) -> tuple[int, ...]:
     return (int(h), int(w), int(mcfg.in_channels))
 
 
-def build_model(mcfg: Any, rngs: nnx.Rngs) -> GMFlowModel:
-    """The model described by ``config.model`` with parameters drawn from ``rngs``."""
+def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFlowModel:
+    """The model described by ``config.model`` with parameters drawn from ``rngs``.
+
+    ``remat`` overrides ``config.model.remat`` (sampling builds without it: no gradients, and nnx's
+    remat does not nest in the sampler's vmapped sweeps); the parameters are the same either way.
+    """
     if mcfg.kind == "toy":
         net = ToyGMFlow(
             num_components=mcfg.num_gaussians,
@@ -67,7 +71,7 @@ def build_model(mcfg: Any, rngs: nnx.Rngs) -> GMFlowModel:
         freq_shift=mcfg.freq_shift,
         logstd_inner_dim=mcfg.logstd_inner_dim,
         dtype=jnp.dtype(mcfg.dtype),
-        remat=mcfg.remat,
+        remat=mcfg.remat if remat is None else remat,
         rngs=rngs,
     )
     if mcfg.arch:

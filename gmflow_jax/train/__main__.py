@@ -13,7 +13,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from gmflow_jax import checkpoint, cli
-from gmflow_jax.multihost import DistributedInitError, initialize_distributed
+from gmflow_jax.multihost import DistributedInitError
 from gmflow_jax.train import TrainingError, train
 from gmflow_jax.train.config import define_config_flag
 from gmflow_jax.train.lock import WorkdirLockedError
@@ -21,11 +21,7 @@ from gmflow_jax.train.lock import WorkdirLockedError
 FLAGS = flags.FLAGS
 define_config_flag("config", "Experiment config: a name in configs/ (digits_gmdit) or a file path, with ':arg'.")
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, TensorBoard events, samples.")
-flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() from the environment (TPU pods, SLURM...).")
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for jax.distributed.initialize.")
-flags.DEFINE_integer("num_processes", None, "Number of processes for jax.distributed.initialize.")
-flags.DEFINE_integer("process_id", None, "This process's id for jax.distributed.initialize.")
-flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for all processes in jax.distributed.initialize.")
+cli.define_multihost_flags()
 flags.DEFINE_bool(
     "restart_from_scratch",
     False,
@@ -39,13 +35,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if FLAGS.config is None or not FLAGS.workdir:
         raise app.UsageError("--config and --workdir are required.")
-    initialize_distributed(
-        multihost=FLAGS.multihost,
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-        timeout=FLAGS.distributed_timeout,
-    )
+    cli.initialize_multihost()
     train(FLAGS.config, FLAGS.workdir, restart_from_scratch=FLAGS.restart_from_scratch)
 
 

@@ -13,7 +13,8 @@ file starts from ``base_config()`` and changes values. Fields:
   reads its own shard) or ``'global'`` (every process reads the whole global batch and keeps its
   rows: the stream is then independent of the process layout) or ``'device'`` (small datasets:
   held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.data.device``),
-  ``worker_count``, ``prefetch``.
+  ``worker_count``, ``prefetch``, ``image_size``: the side of the images a latent dataset was encoded
+  from (``imagenet_latents``: checked against the dataset's record, with ``model.vae``; 0: not checked).
 * ``model``: see ``gmflow_jax.models.factory``; ``model.vae``: the diffusers ``AutoencoderKL`` folder
   whose (scaled) latents the model works in, ``''`` for pixel-space data; a relative path is
   relative to the run's workdir (the Sampler decodes with it).
@@ -54,11 +55,6 @@ CONFIG_PACKAGE = "gmflow_jax.configs"
 
 # Logical axis names used by the models (gmflow_jax.models.gmdit.LOGICAL_AXES).
 LOGICAL_AXIS_NAMES = ("embed", "mlp", "heads", "vocab", "patch", "freq", "out")
-LATER_DATASETS = {
-    "imagenet_latents": "the ImageNet 256² VAE-latent dataset (32×32×4, method.md §9) is added by a later issue "
-    "(its TFDS builder does not exist yet); until then this config cannot run. Train on 'digits' "
-    "(configs/digits_gmdit.py) or 'checkerboard' instead.",
-}
 
 
 def replicated_rules() -> ml_collections.ConfigDict:
@@ -84,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""
 
     c.data = ml_collections.ConfigDict(
-        dict(dataset="digits", data_dir="", read="per_process", worker_count=0, prefetch=2)
+        dict(dataset="digits", data_dir="", read="per_process", worker_count=0, prefetch=2, image_size=0)
     )
 
     c.model = ml_collections.ConfigDict(
@@ -338,13 +334,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _need(isinstance(c.init_from, str), "init_from", "a path string ('' for none)", c.init_from)
 
     ds = c.data.dataset
-    if ds in LATER_DATASETS:
-        raise ValueError(f"config.data.dataset={ds!r}: {LATER_DATASETS[ds]}")
     _need(ds in KNOWN_DATASETS, "data.dataset", f"one of {KNOWN_DATASETS}", ds)
     _need(isinstance(c.data.data_dir, str), "data.data_dir", "a directory path string", c.data.data_dir)
     _choice(c, "data.read", ("per_process", "global", "device"))
     _int(c, "data.worker_count", 0)
     _int(c, "data.prefetch", 0)
+    _int(c, "data.image_size", 0)
 
     m = c.model
     _choice(c, "model.kind", MODEL_KINDS)
@@ -422,9 +417,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         with open(path) as f:
             old = json.load(f)
         if old != json.loads(text):
-            logging.warning(
-                "the config differs from the previous run's: %s", config_changes(old, json.loads(text))
-            )
+            logging.warning("the config differs from the previous run's: %s", config_changes(old, json.loads(text)))
     for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
         tmp = os.path.join(workdir, name + ".tmp")
         with open(tmp, "w") as f:

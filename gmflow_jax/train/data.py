@@ -26,8 +26,21 @@ from gmflow_jax.multihost import primary_first
 from gmflow_jax.sharding import batch_spec_sharding
 
 
-def check_data(config: ml_collections.ConfigDict, source: Any) -> None:
-    """``ValueError`` naming the model fields if the dataset's examples do not fit the model."""
+def check_data(config: ml_collections.ConfigDict, source: Any, workdir: str | None = None) -> None:
+    """``ValueError`` naming the model fields if the dataset's examples do not fit the model.
+
+    For a latent dataset (a source with ``metadata``: ``imagenet_latents``) also that it was encoded from
+    ``config.data.image_size`` crops (unless 0) by the VAE of ``config.model.vae`` (unless ''; a relative
+    path is relative to ``workdir``, else to the current directory).
+    """
+    metadata = getattr(source, "metadata", None)
+    if metadata is not None:
+        from gmflow_jax.data.imagenet import check_vae_match
+
+        vae = os.path.expanduser(config.model.get("vae", ""))
+        if vae and workdir is not None:
+            vae = os.path.join(workdir, vae)
+        check_vae_match(metadata, vae, config.data.image_size)
     shape = tuple(np.shape(source[0]["image"]))
     expected = data_shape(config.model)
     if shape != expected:

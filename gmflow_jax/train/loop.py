@@ -143,7 +143,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
         raise ValueError(f"--workdir {workdir} is a file; expected a directory (it is created if missing).")
     data_dir = resolve_data_dir(config.data.data_dir)
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
-    check_data(config, source)
+    check_data(config, source, workdir)
     os.makedirs(workdir, exist_ok=True)
     with _hold_workdir(workdir):
         if restart_from_scratch and jax.process_index() == 0:
@@ -267,7 +267,7 @@ def _loop(
         )
     sampler = None
     if config.log.sample_every_steps > 0:
-        sampler = make_preview_fn(setup.graphdef, config, mesh, data_shape(config.model))
+        sampler = make_preview_fn(config, mesh, data_shape(config.model))
     meta = {"config": json.loads(config.to_json_best_effort())}
     start = int(host_value(state.step))
     last_saved = start if resumed else -1

@@ -90,7 +90,7 @@ def test_config_errors_stop_before_compiling(tmp_path, data_dir, flags, message)
 def test_missing_imagenet_dataset_is_explained(tmp_path, data_dir):
     result = run(train_cmd("configs/imagenet_gmdit_k8.py", tmp_path, data_dir))
     assert result.returncode == 1
-    assert "config.data.dataset='imagenet_latents'" in result.stdout and "later issue" in result.stdout
+    assert "dataset 'imagenet_latents' is not built in" in result.stdout and "build_imagenet" in result.stdout
 
 
 def test_multihost_init_failure_is_an_error(tmp_path, data_dir):

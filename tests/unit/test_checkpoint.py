@@ -19,6 +19,7 @@ def state(step: int) -> dict:
         "step": jnp.int32(step),
         "params": {"w": jnp.full((3, 2), float(step)), "b": jnp.zeros((2,))},
         "ema": {"w": jnp.full((3, 2), step + 0.5), "b": jnp.ones((2,))},
+        "opt_state": {"mu": jnp.zeros((3, 2))},
     }
 
 
@@ -176,3 +177,14 @@ def test_once_held_and_set_aside(workdir, tmp_path):
     assert sorted(os.listdir(workdir)) == ["config.json", ckpt.SET_ASIDE_DIR]
     assert ckpt.list_steps(os.path.join(moved, ckpt.CHECKPOINT_DIR)) == [1, 2, 3]
     assert not ckpt.once_held_checkpoints(workdir)
+
+
+def test_a_weights_only_checkpoint_is_not_resumed(tmp_path):
+    writer = ckpt.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    weights = {k: v for k, v in state(0).items() if k != "opt_state"}
+    writer.save(0, weights, None, {"step": 0, "config": {}})  # as gmflow_jax.convert writes it
+    writer.close()
+    directory = os.path.join(tmp_path, ckpt.CHECKPOINT_DIR)
+    full = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state(0))
+    with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"holds weights only .*--config\.init_from"):
+        ckpt.check_compatible(directory, 0, full, {})

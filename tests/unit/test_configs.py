@@ -54,7 +54,7 @@ def test_checkerboard_variants():
         load("checkerboard_k64", "k32")
 
 
-def test_imagenet_recipe_and_missing_dataset():
+def test_imagenet_recipe_and_tiny_variant():
     c = load("imagenet_gmdit_k8")
     assert (c.model.arch, c.model.num_gaussians, c.batch_size, c.num_steps) == ("XL/2", 8, 4096, 200_000)
     assert (c.optim.lr, c.optim.b2, c.optim.weight_decay, c.optim.clip_norm, c.optim.clip_start) == (
@@ -66,8 +66,17 @@ def test_imagenet_recipe_and_missing_dataset():
     )
     assert (c.loss.trans_ratio, c.loss.t_mode, c.loss.weight, c.model.dtype) == (0.5, "logit_normal", 2.0, "bfloat16")
     assert c.sharding.embed == "fsdp"
-    with pytest.raises(ValueError, match=r"config\.data\.dataset='imagenet_latents'.*later issue"):
-        validate_config(c)
+    assert (c.data.dataset, c.data.image_size, c.model.input_size, c.model.in_channels) == (
+        "imagenet_latents",
+        256,
+        32,
+        4,
+    )
+    validate_config(c)
+    tiny = load("imagenet_gmdit_k8", "tiny")
+    assert (tiny.model.input_size, tiny.model.in_channels, tiny.data.image_size, tiny.batch_size) == (8, 4, 32, 8)
+    assert (tiny.sharding.embed, tiny.data.read) == ("", "per_process")
+    validate_config(tiny)
 
 
 def test_loaded_config_is_locked_against_typos():

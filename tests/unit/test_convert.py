@@ -140,3 +140,42 @@ def test_conversion_errors(tmp_path, torch_dit):
     convert_pipeline(str(tmp_path / "ok"), str(tmp_path / "run"))
     with pytest.raises(ValueError, match="already holds checkpoints"):
         convert_pipeline(str(tmp_path / "ok"), str(tmp_path / "run"))
+
+
+def test_decode_through_the_published_vae(tmp_path, torch_dit):
+    torch = pytest.importorskip("torch")
+    from diffusers import AutoencoderKL
+
+    from gmflow_jax.data.imagenet import write_random_vae
+
+    write_pipeline(tmp_path / "published", torch_dit)
+    vae_config = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    write_random_vae(tmp_path / "published" / "vae", seed=1, **vae_config)
+    convert_pipeline(str(tmp_path / "published"), str(tmp_path / "run"), dtype="float32")
+    assert sorted(os.listdir(tmp_path / "run" / "vae")) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    sampler = Sampler.from_checkpoint(str(tmp_path / "run"))
+    latents = np.random.RandomState(0).randn(2, SIZE, SIZE, C).astype(np.float32)
+    images = sampler.decode(latents)
+    assert images.shape == (2, 4 * SIZE, 4 * SIZE, 3) and images.dtype == np.uint8
+    reference = AutoencoderKL.from_pretrained(str(tmp_path / "published" / "vae")).eval()
+    with torch.no_grad():
+        x = reference.decode(torch.from_numpy(latents / 0.18215).permute(0, 3, 1, 2)).sample
+    expected = np.clip(np.round((x.permute(0, 2, 3, 1).numpy() + 1.0) * 127.5), 0, 255)
+    assert np.abs(images.astype(int) - expected.astype(int)).max() <= 1
+    swept = sampler.sample(0, labels=[1, 2], num_steps=1, guidance=[0.0, 0.2], decode=True)
+    assert swept.shape == (2, 2, 4 * SIZE, 4 * SIZE, 3) and swept.dtype == np.uint8
+
+
+def test_command_line(tmp_path, torch_dit):
+    import subprocess
+    import sys
+
+    write_pipeline(tmp_path / "published", torch_dit)
+    cmd = [sys.executable, "-m", "gmflow_jax.convert", f"--from={tmp_path / 'published'}"]
+    result = subprocess.run([*cmd, f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Sampler.from_checkpoint(str(tmp_path / "run")).step == 0
+    result = subprocess.run([*cmd, f"--workdir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("gmflow_jax.convert: error: ")
+    assert "already holds checkpoints" in result.stderr
