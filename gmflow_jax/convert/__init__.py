@@ -27,14 +27,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax.models.convert import convert_gmdit_state_dict, convert_spectrum_state_dict
+from gmflow_jax.models.convert import (
+    convert_gmdit_state_dict,
+    convert_spectrum_state_dict,
+    read_diffusers_folder,
+    weights_file,
+)
 from gmflow_jax.models.factory import build_model, split_params
 
-WEIGHTS = "diffusion_pytorch_model"
 BASE_CONFIG = "imagenet_gmdit_k8"
 TRANSFORMER_FIELDS = {"num_gaussians", "num_layers", "num_attention_heads", "attention_head_dim"}
 SPECTRUM_FIELDS = {"base_size", "layers"}
@@ -47,31 +50,6 @@ FIXED_FIELDS = {
     "upcast_attention": False,
     "norm_elementwise_affine": False,
 }
-
-
-def weights_file(folder: str) -> str:
-    """The weights of a diffusers folder: ``diffusion_pytorch_model.safetensors``, else its one variant."""
-    plain = os.path.join(folder, f"{WEIGHTS}.safetensors")
-    if os.path.isfile(plain):
-        return plain
-    variants = sorted(n for n in os.listdir(folder) if n.startswith(WEIGHTS + ".") and n.endswith(".safetensors"))
-    if len(variants) != 1:
-        raise ValueError(
-            f"{folder} must hold {WEIGHTS}.safetensors or one variant ({WEIGHTS}.<variant>.safetensors); "
-            f"found {variants or 'none'}."
-        )
-    return os.path.join(folder, variants[0])
-
-
-def read_part(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(config.json, state dict as float32 NumPy)`` of a diffusers folder (bf16/fp16 files upcast)."""
-    from safetensors import safe_open
-
-    with open(os.path.join(folder, "config.json")) as f:
-        config = json.load(f)
-    with safe_open(weights_file(folder), framework="numpy") as f:
-        state = {name: np.asarray(f.get_tensor(name), np.float32) for name in f.keys()}  # noqa: SIM118
-    return config, state
 
 
 def find_parts(src: str) -> dict[str, str]:
@@ -139,8 +117,8 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None) -> str
     workdir = os.path.abspath(workdir)
     if ckpt_lib.list_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
         raise ValueError(f"--workdir {workdir} already holds checkpoints; expected a new or empty folder.")
-    t_config, t_state = read_part(parts["transformer"])
-    s_config, s_state = read_part(parts["spectrum"]) if "spectrum" in parts else (None, None)
+    t_config, t_state = read_diffusers_folder(parts["transformer"])
+    s_config, s_state = read_diffusers_folder(parts["spectrum"]) if "spectrum" in parts else (None, None)
     config = model_config(t_config, s_config)
     if dtype is not None:
         config.model.dtype = dtype

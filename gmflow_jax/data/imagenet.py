@@ -40,7 +40,6 @@ import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -175,10 +174,10 @@ def list_images(source: str | os.PathLike) -> tuple[list[str], list[ImageRef]]:
 
 def vae_fingerprint(folder: str | os.PathLike) -> str:
     """sha256 of the VAE's weights file (the one ``load_vae`` reads)."""
-    from gmflow_jax.models import vae as vae_lib
+    from gmflow_jax.models.convert import weights_file
 
     digest = hashlib.sha256()
-    with open(vae_lib._weights_file(Path(folder)), "rb") as f:
+    with open(weights_file(folder), "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()

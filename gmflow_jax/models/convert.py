@@ -16,6 +16,8 @@ Torch ``Linear.weight`` is (out, in); our kernels are (in, out).
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,11 +28,52 @@ from flax import nnx
 from gmflow_jax.models.gmdit import GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP
 
+WEIGHTS = "diffusion_pytorch_model"
 
-def _to_numpy(value: Any) -> np.ndarray:
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (any dtype, any device) or an array-like -> float32 NumPy."""
     if hasattr(value, "detach"):  # torch.Tensor (bfloat16 has no NumPy dtype, hence .float())
         value = value.detach().cpu().float().numpy()
     return np.asarray(value, dtype=np.float32)
+
+
+def weights_file(folder: str | os.PathLike) -> str:
+    """The weights of a diffusers folder: ``diffusion_pytorch_model.safetensors``, else its one variant
+    (``diffusion_pytorch_model.<variant>.safetensors``, e.g. ``bf16``); ValueError naming the folder."""
+    folder = os.fspath(folder)
+    plain = os.path.join(folder, f"{WEIGHTS}.safetensors")
+    if os.path.isfile(plain):
+        return plain
+    variants = sorted(n for n in os.listdir(folder) if n.startswith(WEIGHTS + ".") and n.endswith(".safetensors"))
+    if len(variants) != 1:
+        raise ValueError(
+            f"{folder} must hold {WEIGHTS}.safetensors or one variant ({WEIGHTS}.<variant>.safetensors); "
+            f"found {variants or 'none'}."
+        )
+    return os.path.join(folder, variants[0])
+
+
+def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(config.json, state dict as float32 NumPy)`` of a diffusers model folder (bf16/fp16 upcast);
+    ValueError naming the path for a missing or unreadable file."""
+    from safetensors import safe_open
+
+    config_path = os.path.join(os.fspath(folder), "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{os.fspath(folder)!r} has no config.json; expected a diffusers model folder.")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+    weights = weights_file(folder)
+    try:
+        with safe_open(weights, framework="numpy") as f:
+            state = {name: to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"weights {weights} could not be read: {e}") from None
+    return config, state
 
 
 class _Reader:
@@ -47,7 +90,7 @@ class _Reader:
         if name not in self.arrays:
             raise KeyError(f"state dict has no entry {name!r}.")
         self.used.add(name)
-        return _to_numpy(self.arrays[name])
+        return to_numpy(self.arrays[name])
 
     def linear(self, name: str) -> dict[str, np.ndarray]:
         return {"kernel": self.get(f"{name}.weight").T, "bias": self.get(f"{name}.bias")}

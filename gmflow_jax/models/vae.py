@@ -12,26 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import weakref
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy, for bf16 safetensors files)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmflow_jax.models.convert import read_diffusers_folder, to_numpy
+
 Array = jax.Array
 
 NORM_EPS = 1e-6  # every GroupNorm of the VAE
 LOGVAR_RANGE = (-30.0, 20.0)  # posterior log-variance clip, as in diffusers
-WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
 # diffusers config keys whose only supported value is fixed here
 _FIXED_KEYS: dict[str, Any] = {
     "act_fn": "silu",
@@ -299,12 +297,6 @@ class AutoencoderKL(nnx.Module):
 # --- diffusers state dicts ------------------------------------------------------------
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # torch.Tensor (bfloat16 has no NumPy dtype, hence .float())
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
 class _Reader:
     """Takes named tensors from a diffusers state dict, checking their shapes and recording use."""
 
@@ -315,7 +307,7 @@ class _Reader:
     def get(self, name: str, shape: tuple[int, ...], *, alt_shape: tuple[int, ...] | None = None) -> np.ndarray:
         if name not in self.arrays:
             raise ValueError(f"VAE state dict has no tensor {name!r} (expected shape {shape}).")
-        value = _to_numpy(self.arrays[name])
+        value = to_numpy(self.arrays[name])
         if value.shape not in (shape, alt_shape):
             raise ValueError(f"VAE tensor {name!r} has shape {value.shape}; the config expects {shape}.")
         self.used.add(name)
@@ -408,33 +400,13 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: VAEConfig) -> 
     return params
 
 
-def _weights_file(folder: Path) -> Path:
-    """The plain weights file, else a variant (``diffusion_pytorch_model.<variant>.safetensors``)."""
-    if (folder / WEIGHT_FILE).is_file():
-        return folder / WEIGHT_FILE
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
-    if not variants:
-        raise ValueError(f"VAE folder {folder} has no {WEIGHT_FILE} (nor a diffusion_pytorch_model.*.safetensors).")
-    return variants[0]
-
-
 def load_vae(folder: str, *, dtype: jnp.dtype = jnp.float32) -> AutoencoderKL:
     """A diffusers ``AutoencoderKL`` folder (config.json + safetensors weights) -> ``AutoencoderKL``."""
-    from safetensors import safe_open
-
-    path = Path(folder)
-    if not (path / "config.json").is_file():
-        raise ValueError(f"VAE folder {str(folder)!r} has no config.json.")
+    raw, state_dict = read_diffusers_folder(folder)
     try:
-        config = VAEConfig.from_dict(json.loads((path / "config.json").read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ValueError(f"VAE config {path / 'config.json'} is not a valid AutoencoderKL config: {e}") from None
-    weights = _weights_file(path)
-    try:
-        with safe_open(str(weights), framework="numpy") as f:
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"VAE weights {weights} could not be read: {e}") from None
+        config = VAEConfig.from_dict(raw)
+    except TypeError as e:
+        raise ValueError(f"VAE config in {folder} is not a valid AutoencoderKL config: {e}") from None
     params = convert_vae_state_dict(state_dict, config)
     vae = nnx.eval_shape(lambda: AutoencoderKL(config, dtype=dtype, rngs=nnx.Rngs(0)))
     state = nnx.state(vae, nnx.Param)
