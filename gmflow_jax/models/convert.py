@@ -46,11 +46,10 @@ def weights_file(folder: str | os.PathLike) -> str:
     if os.path.isfile(plain):
         return plain
     variants = sorted(n for n in os.listdir(folder) if n.startswith(WEIGHTS + ".") and n.endswith(".safetensors"))
-    if len(variants) != 1:
-        raise ValueError(
-            f"{folder} must hold {WEIGHTS}.safetensors or one variant ({WEIGHTS}.<variant>.safetensors); "
-            f"found {variants or 'none'}."
-        )
+    if not variants:
+        raise ValueError(f"{folder} has no {WEIGHTS}.safetensors (nor a {WEIGHTS}.<variant>.safetensors).")
+    if len(variants) > 1:
+        raise ValueError(f"{folder} has several weight variants {variants} and no {WEIGHTS}.safetensors; keep one.")
     return os.path.join(folder, variants[0])
 
 
