@@ -22,7 +22,7 @@ from gmflow_jax.sharding import replicated
 
 def make_preview_fn(config: Any, mesh: Mesh, data_shape: tuple[int, ...]) -> Callable[[Any, jax.Array], jax.Array]:
     """Jitted GM-ODE sampler of the preview grid (``config.log.sample_*``), no guidance. The model is built
-    without remat (no gradients here); its parameters are the training model's."""
+    without remat or the block scan (no gradients here); its parameters are the training model's."""
     lc, mc = config.log, config.model
     if len(data_shape) == 3:
         classes = min(lc.sample_classes, mc.num_classes)
@@ -30,7 +30,7 @@ def make_preview_fn(config: Any, mesh: Mesh, data_shape: tuple[int, ...]) -> Cal
     else:
         labels = None
     n = lc.sample_points if labels is None else labels.shape[0]
-    graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False)))
+    graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False, scan_blocks=False)))
     static = ("gm-ode", lc.sample_order, lc.sample_steps, 1, False, False, False)
     run = sample_fn(graphdef, data_shape, None, static)
 

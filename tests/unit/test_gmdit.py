@@ -319,6 +319,33 @@ def test_remat_gives_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_block_scan_gives_the_same_outputs_and_gradients(remat):
+    plain, scanned = _small_model(), _small_model(scan=True, remat=remat)
+    _randomize(plain, 4)
+    nnx.update(scanned, nnx.state(plain, nnx.Param))
+    assert (
+        nnx.to_pure_dict(nnx.state(plain, nnx.Param)).keys() == nnx.to_pure_dict(nnx.state(scanned, nnx.Param)).keys()
+    )
+    x, tau, labels = _inputs()
+
+    def loss(m):
+        gm = m(x, tau, labels)
+        return jnp.mean(gm.means**2) + jnp.mean(gm.logweights) + jnp.mean(gm.logstds)
+
+    np.testing.assert_allclose(
+        nnx.jit(lambda m: m.raw_output(x, tau, labels))(scanned),
+        nnx.jit(lambda m: m.raw_output(x, tau, labels))(plain),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    grad = nnx.jit(nnx.grad(loss))
+    g1, g2 = nnx.to_pure_dict(grad(plain)), nnx.to_pure_dict(grad(scanned))
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_input_validation():
     model = _small_model()
     x, tau, labels = _inputs()
