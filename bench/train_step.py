@@ -1,0 +1,229 @@
+"""Train step against the network forward, on one CPU core: time, XLA FLOPs, compile time, peak memory.
+
+Cases: GM-DiT S/2 on 16×16×4 latents (patch 2, hidden 384, depth 12, 6 heads, K = 8, SpectrumMLP and
+spectral loss, 1000 classes, AdamW + EMA, float32) at batch 8 and 32, and the digits config
+(``configs/digits_gmdit.py``, batch 64). Each case runs in its own subprocess, pinned to one core
+(``--cpu``) with one XLA thread, so that its peak resident memory is its own and the figures compare
+with a one-thread reference. In that one process it measures
+
+* the network forward as the samplers run it (blocks unrolled, no remat): ``net(x_t, tau, labels)``;
+* the trainer's jitted, state-donating train step (loss, gradients, AdamW, EMA, metrics) on a fixed
+  synthetic batch (the data pipeline is not measured);
+
+each timed as the median of ``--steps`` calls after one warm-up call, plus compile times, and XLA's FLOP
+estimate (``compiled.cost_analysis()``) of both. XLA counts a loop body once, so the step's FLOPs are
+those of the same step with the blocks unrolled, compiled at depth 1 and 2 and extrapolated linearly in
+depth (every block costs the same). ``--no-scan`` measures the step with the blocks unrolled
+(``model.scan_blocks = False``, the code before issue 12).
+
+    taskset -c 1 python bench/train_step.py                 # all cases, markdown table
+    python bench/train_step.py --cases s2_b8 --no-scan      # the unrolled step, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = {
+    "s2_b8": ("GM-DiT S/2 16×16×4, K=8", 8),
+    "s2_b32": ("GM-DiT S/2 16×16×4, K=8", 32),
+    "digits": ("digits config (GM-DiT 8×8×1, K=8)", 64),
+}
+ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def case_config(name: str, scan: bool, depth: int | None = None):
+    """The case's training config; ``depth`` overrides the model depth (for the FLOP extrapolation)."""
+    from gmflow_jax.train.config import load_config
+
+    c = load_config("digits_gmdit")
+    if name.startswith("s2"):
+        c.model.update(
+            arch="",
+            hidden_size=384,
+            depth=12,
+            num_heads=6,
+            patch_size=2,
+            input_size=16,
+            in_channels=4,
+            num_gaussians=8,
+            num_classes=1000,
+            logstd_inner_dim=1024,
+            spectrum=True,
+            spectrum_base_size=(16, 16),
+        )
+        c.loss.spectral_weight = 1.0
+    c.batch_size = CASES[name][1]
+    c.model.scan_blocks = scan
+    if depth is not None:
+        c.model.depth = depth
+    return c
+
+
+def _flops(compiled) -> float:
+    ca = compiled.cost_analysis()
+    return float((ca[0] if isinstance(ca, list) else ca)["flops"])
+
+
+def _median_time(fn, steps: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def _setup(config):
+    """(setup, jitted donating train step, batch) on a one-device mesh."""
+    import jax
+
+    from gmflow_jax.models.factory import data_shape
+    from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
+    from gmflow_jax.train.state import setup_state
+    from gmflow_jax.train.step import make_train_step
+
+    mesh = make_mesh((-1, 1))
+    setup = setup_state(config, mesh)
+    bsh = batch_spec_sharding(mesh)
+    n = int(config.batch_size)
+    key = jax.random.PRNGKey(1)
+    batch = {
+        "image": jax.device_put(jax.random.normal(key, (n, *data_shape(config.model))), bsh),
+        "label": jax.device_put(jax.random.randint(key, (n,), 0, config.model.num_classes), bsh),
+    }
+    step_fn = jax.jit(
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        in_shardings=(setup.shardings, bsh),
+        out_shardings=(setup.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return setup, step_fn, batch
+
+
+def step_flops(name: str, scan: bool) -> float:
+    """XLA's FLOPs of the train step with the blocks unrolled, extrapolated from depth 1 and 2."""
+    full = case_config(name, scan).model.depth
+    f = []
+    for depth in (1, 2):
+        setup, step_fn, batch = _setup(case_config(name, False, depth))
+        f.append(_flops(step_fn.lower(setup.abstract, batch).compile()))
+    return f[0] + (full - 1) * (f[1] - f[0])
+
+
+def run_case(name: str, steps: int, scan: bool) -> dict:
+    """Measures one case in this process; returns a JSON-able dict."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from gmflow_jax.models.factory import build_model, split_params
+    from gmflow_jax.train.state import init_state
+
+    config = case_config(name, scan)
+    setup, step_fn, batch = _setup(config)
+    state = init_state(setup, 0)
+
+    # the network forward as sampling builds it: unrolled blocks, no remat
+    graphdef, _ = split_params(
+        nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False, scan_blocks=False))
+    )
+    n = int(config.batch_size)
+    tau = jnp.full((n,), 500.0, jnp.float32)
+
+    def forward(params, x, tau, labels):
+        return nnx.merge(graphdef, params).net(x, tau, labels)
+
+    t0 = time.perf_counter()
+    fwd = jax.jit(forward).lower(state.params, batch["image"], tau, batch["label"]).compile()
+    fwd_compile_s = time.perf_counter() - t0
+    fwd_s = _median_time(lambda: fwd(state.params, batch["image"], tau, batch["label"]), steps)
+
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        return metrics
+
+    step_s = _median_time(one_step, steps)
+    metrics = one_step()
+    assert bool(jnp.isfinite(metrics["loss"]))
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP compiles
+    return {
+        "case": name,
+        "scan": scan,
+        "params": setup.num_params(),
+        "batch": n,
+        "fwd_s": fwd_s,
+        "step_s": step_s,
+        "fwd_compile_s": fwd_compile_s,
+        "compile_s": compile_s,
+        "fwd_gflops": _flops(fwd) / 1e9,
+        "step_gflops": step_flops(name, scan) / 1e9,
+        "peak_rss_mb": peak_rss_mb,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=None, help="timed calls per case (default 5 S/2, 20 digits)")
+    parser.add_argument("--cpu", type=int, default=1, help="core each case is pinned to (-1: no pinning)")
+    parser.add_argument("--no-scan", action="store_true", help="blocks unrolled in the train step")
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
+    args = parser.parse_args()
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    if args.one:
+        if args.cpu >= 0:
+            os.sched_setaffinity(0, {args.cpu})
+        from common import print_result
+
+        steps = args.steps or (20 if args.one == "digits" else 5)
+        print_result(run_case(args.one, steps, not args.no_scan))
+        return
+
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
+    from common import machine, run_case_subprocess, today
+
+    rows = []
+    for name in args.cases:
+        cmd = [__file__, "--one", name, "--cpu", str(args.cpu)]
+        if args.steps:
+            cmd += ["--steps", str(args.steps)]
+        if args.no_scan:
+            cmd += ["--no-scan"]
+        rows.append(run_case_subprocess(cmd, name))
+        print(f"done {name}: {rows[-1]}", file=sys.stderr, flush=True)
+
+    blocks = "unrolled" if args.no_scan else "scanned"
+    print(f"Train step vs network forward ({blocks} blocks in the step), {today()}, {machine()}, ")
+    print(f"one core (--cpu {args.cpu}), one XLA thread\n")
+    print(
+        "| case | params | batch | forward (ms) | train step (ms) | step / forward | ms per image (step) | "
+        "compile fwd / step (s) | XLA GFLOP fwd / step | FLOP ratio | peak host RSS (MB) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {CASES[r['case']][0]} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['fwd_s'] * 1e3:.0f} | "
+            f"{r['step_s'] * 1e3:.0f} | {r['step_s'] / r['fwd_s']:.2f} | {r['step_s'] / r['batch'] * 1e3:.1f} | "
+            f"{r['fwd_compile_s']:.1f} / {r['compile_s']:.1f} | {r['fwd_gflops']:.1f} / {r['step_gflops']:.1f} | "
+            f"{r['step_gflops'] / r['fwd_gflops']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
