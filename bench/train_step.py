@@ -10,7 +10,8 @@ with a one-thread reference. In that one process it measures
 * the trainer's jitted, state-donating train step (loss, gradients, AdamW, EMA, metrics) on a fixed
   synthetic batch (the data pipeline is not measured);
 
-each timed as the median of ``--steps`` calls after one warm-up call, plus compile times, and XLA's FLOP
+each timed as the median of ``--steps`` calls after one warm-up call (CPU time of the process; wall time
+in the JSON lines), plus compile times (CPU time), and XLA's FLOP
 estimate (``compiled.cost_analysis()``) of both. XLA counts a loop body once, so the step's FLOPs are
 those of the same step with the blocks unrolled, compiled at depth 1 and 2 and extrapolated linearly in
 depth (every block costs the same). ``--no-scan`` measures the step with the blocks unrolled
@@ -71,16 +72,22 @@ def _flops(compiled) -> float:
     return float((ca[0] if isinstance(ca, list) else ca)["flops"])
 
 
-def _median_time(fn, steps: int) -> float:
+def _median_time(fn, steps: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of ``steps`` calls after a warm-up.
+
+    CPU time is this process's (``time.process_time``): with one XLA thread it is the compute time,
+    and unlike wall time it does not grow when other jobs take turns on the same core.
+    """
     import jax
 
     jax.block_until_ready(fn())  # warm-up
-    times = []
+    cpu, wall = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - t0)
+    return sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
 
 
 def _setup(config):
@@ -143,21 +150,21 @@ def run_case(name: str, steps: int, scan: bool) -> dict:
     def forward(params, x, tau, labels):
         return nnx.merge(graphdef, params).net(x, tau, labels)
 
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     fwd = jax.jit(forward).lower(state.params, batch["image"], tau, batch["label"]).compile()
-    fwd_compile_s = time.perf_counter() - t0
-    fwd_s = _median_time(lambda: fwd(state.params, batch["image"], tau, batch["label"]), steps)
+    fwd_compile_s = time.process_time() - c0
+    fwd_s, fwd_wall_s = _median_time(lambda: fwd(state.params, batch["image"], tau, batch["label"]), steps)
 
-    t0 = time.perf_counter()
+    c0 = time.process_time()
     compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compile_s = time.process_time() - c0
     holder = {"state": state}
 
     def one_step():
         holder["state"], metrics = compiled(holder["state"], batch)
         return metrics
 
-    step_s = _median_time(one_step, steps)
+    step_s, step_wall_s = _median_time(one_step, steps)
     metrics = one_step()
     assert bool(jnp.isfinite(metrics["loss"]))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP compiles
@@ -168,6 +175,8 @@ def run_case(name: str, steps: int, scan: bool) -> dict:
         "batch": n,
         "fwd_s": fwd_s,
         "step_s": step_s,
+        "fwd_wall_s": fwd_wall_s,
+        "step_wall_s": step_wall_s,
         "fwd_compile_s": fwd_compile_s,
         "compile_s": compile_s,
         "fwd_gflops": _flops(fwd) / 1e9,
@@ -212,8 +221,8 @@ def main() -> None:
     print(f"Train step vs network forward ({blocks} blocks in the step), {today()}, {machine()}, ")
     print(f"one core (--cpu {args.cpu}), one XLA thread\n")
     print(
-        "| case | params | batch | forward (ms) | train step (ms) | step / forward | ms per image (step) | "
-        "compile fwd / step (s) | XLA GFLOP fwd / step | FLOP ratio | peak host RSS (MB) |"
+        "| case | params | batch | forward (CPU ms) | train step (CPU ms) | step / forward | ms per image (step) | "
+        "compile fwd / step (CPU s) | XLA GFLOP fwd / step | FLOP ratio | peak host RSS (MB) |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
