@@ -8,6 +8,10 @@
 * ``'toy'``: ``ToyGMFlow`` on 2-D points ``(N, 2)``; ``num_gaussians=1, learn_std=False`` is the
   flow-matching baseline.
 
+``scan_blocks`` (default True in ``base_config``) runs the GM-DiT blocks as one ``lax.scan`` in the
+train step: on XLA:CPU the unrolled backward costs up to 3× more and compiles 5× longer at depth 12
+(docs/performance.md). Sampling always builds the blocks unrolled; the parameters are the same.
+
 Both are held by ``GMFlowModel`` so that one parameter tree ``{'net': ..., 'spectrum': ...}`` is
 trained, averaged (EMA) and checkpointed.
 """
