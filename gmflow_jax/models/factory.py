@@ -9,8 +9,9 @@
   flow-matching baseline.
 
 ``scan_blocks`` (default True in ``base_config``) runs the GM-DiT blocks as one ``lax.scan`` in the
-train step: on XLA:CPU the unrolled backward costs up to 3× more and compiles 5× longer at depth 12
-(docs/performance.md). Sampling always builds the blocks unrolled; the parameters are the same.
+train step: on XLA:CPU the unrolled step of an S/2 model costs 2–4× more (batch 8–32) and its network
+gradient compiles 6× longer (docs/performance.md). Sampling always builds the blocks unrolled; the
+parameters are the same.
 
 Both are held by ``GMFlowModel`` so that one parameter tree ``{'net': ..., 'spectrum': ...}`` is
 trained, averaged (EMA) and checkpointed.
