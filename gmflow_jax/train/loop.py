@@ -32,13 +32,13 @@ from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import agree, any_process, barrier, primary_first
-from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
+from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
-from gmflow_jax.train.step import make_train_step
+from gmflow_jax.train.step import jit_train_step
 from gmflow_jax.train.writers import create_writer, import_clu
 from gmflow_jax.viz import render, save_png
 
@@ -57,9 +57,11 @@ def host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def check_devices(config: ml_collections.ConfigDict) -> None:
-    """``ValueError`` naming ``config.batch_size`` unless it splits over devices and processes."""
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+def check_devices(config: ml_collections.ConfigDict, n_dev: int | None = None, n_proc: int | None = None) -> None:
+    """``ValueError`` naming ``config.batch_size`` unless it splits over the devices and processes (default:
+    this run's)."""
+    n_dev = jax.device_count() if n_dev is None else n_dev
+    n_proc = jax.process_count() if n_proc is None else n_proc
     if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(
             f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices "
@@ -241,12 +243,7 @@ def _loop(
 ) -> TrainState:
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
-    step_fn = jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
-        in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
-        out_shardings=(setup.shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(config, setup, mesh)
     writer = create_writer(os.path.join(workdir, "tensorboard"), primary=primary)
     writer.write_hparams(flat_config(config))
     _, periodic_actions = import_clu()
