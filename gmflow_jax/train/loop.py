@@ -40,6 +40,7 @@ from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
 from gmflow_jax.train.step import jit_train_step
 from gmflow_jax.train.writers import create_writer, import_clu
+from gmflow_jax.utilization import ThroughputMeter, chip_for, train_flops_per_example
 from gmflow_jax.viz import render, save_png
 
 PREVIEW_SEED_OFFSET = 0x5A3  # the preview noise is the same at every step: samples are comparable
@@ -269,6 +270,14 @@ def _loop(
     start = int(host_value(state.step))
     last_saved = start if resumed else -1
 
+    # images/s, model TFLOP/s per device and MFU between log points (utilization.py)
+    meter = ThroughputMeter(
+        train_flops_per_example(config.model),
+        config.batch_size,
+        jax.device_count(),
+        chip_for(jax.devices()[0].device_kind),
+    )
+
     def read_metrics(pending: tuple[int, dict[str, jax.Array]]) -> None:
         """Host read of a finished step's metrics; raises on non-finite values; logs periodically."""
         step, metrics = pending
@@ -283,7 +292,7 @@ def _loop(
                 f"({'step ' + str(last_saved) if last_saved >= 0 else 'none'}) has finite weights."
             )
         if (step + 1) % config.log.every_steps == 0 or step + 1 == config.num_steps:
-            writer.write_scalars(step + 1, values)
+            writer.write_scalars(step + 1, dict(values, **(meter.update(step + 1, time.time()) or {})))
 
     def save(step: int) -> None:
         nonlocal last_saved
