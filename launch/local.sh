@@ -14,7 +14,7 @@
 # The interpreter is ${PYTHON:-python3}.
 set -euo pipefail
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ && !/^#SBATCH/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { printf 'launch/local.sh: error: %s\n' "$*" >&2; exit 2; }
 
 PYTHON=${PYTHON:-python3}

@@ -25,7 +25,7 @@
 # gcloud is ${GCLOUD:-gcloud}.
 set -euo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ && !/^#SBATCH/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { printf 'launch/tpu_pod.sh: error: %s\n' "$*" >&2; exit 2; }
 
 GCLOUD=${GCLOUD:-gcloud}
@@ -156,9 +156,9 @@ run() {
 }
 project_args=()
 [[ -z $project ]] || project_args=(--project "$project")
-qr() { run "$GCLOUD" compute tpus queued-resources "$1" "$name" "${@:2}" --zone "$zone" "${project_args[@]}"; }
+qr() { run "$GCLOUD" compute tpus queued-resources "$1" "$name" "${@:2}" --zone "$zone" ${project_args[@]+"${project_args[@]}"}; }
 ssh_on() { # ssh_on WORKER COMMAND
-    run "$GCLOUD" compute tpus tpu-vm ssh "$name" --zone "$zone" "${project_args[@]}" "--worker=$1" --command "$2"
+    run "$GCLOUD" compute tpus tpu-vm ssh "$name" --zone "$zone" ${project_args[@]+"${project_args[@]}"} "--worker=$1" --command "$2"
 }
 
 # Sets `state` to the queued resource's state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, FAILED, ...),
@@ -184,7 +184,7 @@ create_slice() {
     local spot_args=()
     ((spot)) && spot_args=(--spot)
     note "creating queued resource $name: $accelerator_type ($chips chips, $workers workers), runtime $runtime_version$( ((spot)) && echo ', spot')"
-    qr create --node-id "$name" --accelerator-type "$accelerator_type" --runtime-version "$runtime_version" "${spot_args[@]}"
+    qr create --node-id "$name" --accelerator-type "$accelerator_type" --runtime-version "$runtime_version" ${spot_args[@]+"${spot_args[@]}"}
 }
 delete_slice() {
     note "deleting queued resource $name and its slice"
@@ -237,7 +237,7 @@ deploy_code() {
     fi
     note "copying this checkout (git archive HEAD) to all $workers workers into ~/$remote_dir"
     run git -C "$ROOT" archive --format=tar.gz "--output=$tarball" HEAD || return
-    run "$GCLOUD" compute tpus tpu-vm scp "$tarball" "$name:gmflow_jax.tar.gz" --zone "$zone" "${project_args[@]}" --worker=all || return
+    run "$GCLOUD" compute tpus tpu-vm scp "$tarball" "$name:gmflow_jax.tar.gz" --zone "$zone" ${project_args[@]+"${project_args[@]}"} --worker=all || return
     ssh_on all "rm -rf $remote_dir && mkdir -p $remote_dir && tar -xzf gmflow_jax.tar.gz -C $remote_dir"
 }
 
@@ -248,8 +248,8 @@ install_code() {
 
 # The trainer command on every worker (run from the home directory, so the installed package is used).
 trainer_command() {
-    local cmd=("$venv/bin/python" -m gmflow_jax.train "${trainer_args[@]}" --multihost --workdir "$workdir")
-    ((${#env_kv[@]} == 0)) || cmd=(env "${env_kv[@]}" "${cmd[@]}")
+    local cmd=("$venv/bin/python" -m gmflow_jax.train ${trainer_args[@]+"${trainer_args[@]}"} --multihost --workdir "$workdir")
+    ((${#env_kv[@]} == 0)) || cmd=(env ${env_kv[@]+"${env_kv[@]}"} "${cmd[@]}")
     quote_all "${cmd[@]}"
 }
 
@@ -278,13 +278,15 @@ start_tail() {
     if ((dry_run)); then
         ssh_on 0 "tail -n +1 -F $log"
     else
+        set -m # its own process group: stop_tail stops gcloud and the ssh it started
         ssh_on 0 "tail -n +1 -F $log" &
         tail_pid=$!
+        set +m
     fi
 }
 stop_tail() {
     if [[ -n $tail_pid ]]; then
-        kill "$tail_pid" 2>/dev/null || true
+        kill -- "-$tail_pid" 2>/dev/null || true
         wait "$tail_pid" 2>/dev/null || true
         tail_pid=""
     fi

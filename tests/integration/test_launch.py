@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -158,6 +159,111 @@ def test_tpu_pod_start_command_runs_the_trainer_with_exact_arguments(tmp_path):
     ]
     assert "trainer output" in (home / "gmflow_train.log").read_text()
     assert (home / "gmflow_train.pid").read_text().strip().isdigit()
+
+
+FAKE_GCLOUD = r"""#!/bin/bash
+# A fake gcloud for launch/tpu_pod.sh: a 2-worker slice whose workers are folders w0, w1 of
+# $FAKE_GCLOUD_DIR; ssh runs the command there with bash; "pip install" puts fake_python in place.
+set -u
+d=$FAKE_GCLOUD_DIR
+group=$3 verb=$4
+shift 4 # then NAME, or SOURCE NAME:DEST (scp)
+worker="" command="" pos=()
+while (($#)); do
+    case $1 in
+        --worker=*) worker=${1#*=} ;;
+        --command) command=$2; shift ;;
+        --zone | --node-id | --accelerator-type | --runtime-version | --project) shift ;;
+        --*) ;;
+        *) pos+=("$1") ;;
+    esac
+    shift
+done
+homes() { for i in 0 1; do mkdir -p "$d/w$i"; echo "$d/w$i"; done; }
+case "$group $verb" in
+    "queued-resources describe")
+        [[ -f $d/state ]] || { echo "ERROR: (gcloud) NOT_FOUND: Resource not found" >&2; exit 1; }
+        s=$(cat "$d/state")
+        [[ $s == WAITING_FOR_RESOURCES ]] && echo ACTIVE > "$d/state"
+        echo "$s" ;;
+    "queued-resources create")
+        [[ ! -f $d/state ]] || { echo "ALREADY_EXISTS" >&2; exit 1; }
+        echo WAITING_FOR_RESOURCES > "$d/state"; echo created >> "$d/events" ;;
+    "queued-resources delete")
+        for h in "$d"/w*; do [[ -f $h/gmflow_train.pid ]] && kill "$(cat "$h/gmflow_train.pid")" 2>/dev/null; done
+        sleep 0.5; rm -rf "$d/state" "$d"/w*; echo deleted >> "$d/events" ;;
+    "tpu-vm scp")
+        for h in $(homes); do cp "${pos[0]}" "$h/${pos[1]#*:}"; done ;; # pos: SOURCE NAME:DEST
+    "tpu-vm ssh")
+        [[ $(cat "$d/state" 2>/dev/null) == ACTIVE ]] || { echo "ssh: no such node" >&2; exit 255; }
+        if [[ $command == *"pip install"* ]]; then
+            for h in $(homes); do mkdir -p "$h/gmflow_venv/bin" && cp "$d/fake_python" "$h/gmflow_venv/bin/python"; done
+            exit 0
+        fi
+        if [[ $worker == 0 ]]; then mkdir -p "$d/w0" && cd "$d/w0" && HOME=$PWD exec bash -c "$command"; fi
+        for h in $(homes); do (cd "$h" && HOME=$h bash -c "$command") || exit; done ;;
+esac
+"""
+
+FAKE_TRAINER = r"""#!/bin/bash
+# run 1 trains until it is killed (preempted); run 2 finishes
+w=$(basename "$PWD")
+n=$(( $(cat "$FAKE_GCLOUD_DIR/runs_$w" 2>/dev/null || echo 0) + 1 ))
+echo "$n" > "$FAKE_GCLOUD_DIR/runs_$w"
+echo "fake trainer run $n on $w: $*"
+((n == 1)) && exec sleep 120
+echo "done on $w"
+"""
+
+
+def test_tpu_pod_recovers_from_a_preemption_with_a_fake_gcloud(tmp_path):
+    """The real (not dry) path against a fake gcloud: create, copy, install, start on all workers, stream
+    worker 0's log; the queued resource turns SUSPENDED: it is deleted, re-created and the trainer
+    started again; the launcher exits 0 when worker 0's trainer finishes."""
+    d = tmp_path / "cloud"
+    d.mkdir()
+    for name, text in (("gcloud", FAKE_GCLOUD), ("fake_python", FAKE_TRAINER)):
+        (d / name).write_text(text)
+        (d / name).chmod(0o755)
+    env = launcher_env(GCLOUD=str(d / "gcloud"), FAKE_GCLOUD_DIR=str(d), TMPDIR=str(tmp_path))
+    args = ["--name", "gm-run", "--accelerator", "v5p-16", "--zone", "z", "--workdir", "gs://b/r", "--poll", "1"]
+    proc = subprocess.Popen(
+        [BASH, str(LAUNCH / "tpu_pod.sh"), *args, "--spot", "--", "--config", "c d"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        pids = [d / f"w{i}" / "gmflow_train.pid" for i in (0, 1)]
+        # started on both workers, and worker 0's log streams
+        while not (any("fake trainer run 1 on w0" in line for line in lines) and all(p.exists() for p in pids)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-4000:]
+            time.sleep(0.2)
+        (d / "state").write_text("SUSPENDED\n")  # preempted: the slice goes, and the trainers with it
+        time.sleep(0.2)
+        for p in pids:
+            os.kill(int(p.read_text()), 9)
+        proc.wait(timeout=120)
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    assert (d / "events").read_text().split() == ["created", "deleted", "created"]
+    assert (d / "runs_w0").read_text().strip() == "2" and (d / "runs_w1").read_text().strip() == "2"
+    # worker 0's log streamed back, both runs, with the exact trainer arguments
+    expected = "-m gmflow_jax.train --config c d --multihost --workdir gs://b/r"
+    assert f"fake trainer run 1 on w0: {expected}" in out and f"fake trainer run 2 on w0: {expected}" in out
+    assert "done on w0" in out and "finished" in out
+    assert "fake trainer run 1 on w1" not in out  # only worker 0's log
 
 
 @pytest.mark.parametrize(
