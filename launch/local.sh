@@ -17,6 +17,7 @@ set -euo pipefail
 usage() { awk 'NR > 1 && /^#/ && !/^#SBATCH/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 die() { printf 'launch/local.sh: error: %s\n' "$*" >&2; exit 2; }
 
+((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))) || die "needs bash >= 5.1 (wait -n -p)"
 PYTHON=${PYTHON:-python3}
 dry_run=0
 processes=""

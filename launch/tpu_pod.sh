@@ -370,10 +370,12 @@ describe_accelerator
 note "accelerator $accelerator_type: $chips chips, $devices JAX devices on $workers workers (TPU VM hosts); runtime $runtime_version"
 
 case $action in
-    run)
-        launch
-        watch_run
+    run | start)
+        launch || {
+            note "the launch failed (see the messages above); run the same command again to retry"
+            exit 1
+        }
+        [[ $action == start ]] || watch_run
         ;;
-    start) launch ;;
     watch) watch_run ;;
 esac
