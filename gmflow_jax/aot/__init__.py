@@ -82,6 +82,7 @@ class Compiled:
     temp_bytes: int
     code_bytes: int
     flops: float
+    loops: int  # while loops in the program: XLA counts each body's FLOPs once
 
     @classmethod
     def of(cls, compiled: Any) -> Compiled:
@@ -95,6 +96,7 @@ class Compiled:
             temp_bytes=int(mem.temp_size_in_bytes),
             code_bytes=int(mem.generated_code_size_in_bytes),
             flops=float(cost.get("flops", 0.0)),
+            loops=len(re.findall(r"\swhile\(", compiled.as_text())),
         )
 
     @property
@@ -300,6 +302,11 @@ def step_report_lines(r: StepReport) -> list[str]:
             f"example); compiled / model {r.compiled.flops / r.model_flops_per_device:.2f}"
         )
     lines.append(flop)
+    if r.compiled.loops:
+        lines.append(
+            f"  (the program has {r.compiled.loops} loops, e.g. FSDP's all-gathers fused with matmuls, and XLA counts "
+            "a loop body once: the compiled figure is a lower bound)"
+        )
     if r.chip is not None and r.model_flops_per_device is not None:
         at = []
         for mfu in (0.4, 0.6):

@@ -121,3 +121,19 @@ def test_cli_step_that_does_not_fit():
     assert last.startswith("gmflow_jax.aot: error: the train step does not fit"), result.stderr[-3000:]
     assert "GiB more than the" in last and "--config.model.remat=True" in last
     assert "Traceback" not in result.stderr
+
+
+def test_loops_are_counted(devices):
+    # XLA's cost analysis counts a loop body once: the report says so when the program has loops
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=NamedSharding(Mesh(np.asarray(devices), ("d",)), P()))
+
+    def power(n):
+        return jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda _, c: jnp.tanh(c @ a), a))
+
+    one, eight = (aot.Compiled.of(power(n).lower(x).compile()) for n in (1, 8))
+    assert one.loops == 0 and eight.loops >= 1
+    assert eight.flops < 2 * one.flops  # the body's matmul counted once, not eight times
