@@ -69,7 +69,9 @@ def topology_devices(topology: str) -> list[Any]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    # JAX runs v4 in megacore mode (one device per chip, as on a real v4 VM); libtpu's default lists cores
+    extra = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
 
 
 @dataclasses.dataclass(frozen=True)

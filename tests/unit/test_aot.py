@@ -52,6 +52,8 @@ def test_resolve_topology_refuses(name):
 def test_topology_devices(devices):
     assert len(devices) == 4
     assert aot.chip_for(devices[0].device_kind) is CHIPS["v5p"]
+    v4 = aot.topology_devices("v4-32")  # one device per chip (megacore), as JAX runs a v4
+    assert len(v4) == 16 and aot.chip_for(v4[0].device_kind) is CHIPS["v4"]
 
 
 def state_bytes_per_device(config, devices) -> int:
