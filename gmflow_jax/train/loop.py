@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
@@ -127,7 +128,9 @@ def finite_check(setup: StateSetup) -> Any:
 # --- the loop --------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scratch: bool = False) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, restart_from_scratch: bool = False
+) -> TrainState:
     """Trains (or resumes) the run in ``workdir`` up to ``config.num_steps``; returns the final state.
 
     Returns early, after saving, when SIGTERM/SIGINT arrives (also during set-up or compilation).
@@ -141,13 +144,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
     validate_config(config)
     mesh = make_mesh(config.mesh)
     check_devices(config)
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    workdir = ckpt_lib.workdir_path(workdir)  # local, file:// or gs://
+    if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is a file; expected a directory (it is created if missing).")
     data_dir = resolve_data_dir(config.data.data_dir)
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
     check_data(config, source, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     with _hold_workdir(workdir):
         if restart_from_scratch and jax.process_index() == 0:
             moved = ckpt_lib.set_aside(workdir, keep=(LOCK_FILE,))
@@ -182,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
 
 
 @contextlib.contextmanager
-def _hold_workdir(workdir: str) -> Iterator[None]:
+def _hold_workdir(workdir: epath.Path) -> Iterator[None]:
     """The workdir lock, held by process 0 for all processes (they all stop if it is taken)."""
     lock, error = None, None
     if jax.process_index() == 0:
@@ -200,11 +203,9 @@ def _hold_workdir(workdir: str) -> Iterator[None]:
             lock.release()
 
 
-def _refuse_fresh_start_in_used_workdir(workdir: str) -> None:
+def _refuse_fresh_start_in_used_workdir(workdir: epath.Path) -> None:
     """``CheckpointError`` if ``workdir`` once held checkpoints but has none to resume from."""
-    if not ckpt_lib.list_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)) and ckpt_lib.once_held_checkpoints(
-        workdir
-    ):
+    if not ckpt_lib.list_steps(workdir / ckpt_lib.CHECKPOINT_DIR) and ckpt_lib.once_held_checkpoints(workdir):
         raise ckpt_lib.CheckpointError(
             f"{workdir} held checkpoints before (see {ckpt_lib.DAMAGED_DIR}/ and {ckpt_lib.MANIFEST_DIR}/) "
             "but has none left to resume from; refusing to start over from step 0. Pass --restart_from_scratch "
@@ -233,7 +234,7 @@ def _initial_state(
 
 def _loop(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     setup: StateSetup,
     iterator: Any,
@@ -245,7 +246,7 @@ def _loop(
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
     step_fn = jit_train_step(config, setup, mesh)
-    writer = create_writer(os.path.join(workdir, "tensorboard"), primary=primary)
+    writer = create_writer(str(workdir / "tensorboard"), primary=primary)
     writer.write_hparams(flat_config(config))
     _, periodic_actions = import_clu()
     progress = periodic_actions.ReportProgress(
@@ -255,7 +256,7 @@ def _loop(
     if config.log.profile_first_step > 0:
         hooks.append(
             periodic_actions.Profile(
-                logdir=os.path.join(workdir, "tensorboard"),
+                logdir=str(workdir / "tensorboard"),
                 num_profile_steps=config.log.profile_steps,
                 profile_duration_ms=None,
                 first_profile=config.log.profile_first_step,
@@ -307,8 +308,8 @@ def _loop(
         image = render(samples, rows)
         writer.write_images(step, {"ema_samples": image[None]})
         if primary:
-            save_png(image, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            save_png(image, os.path.join(workdir, "samples", "latest.png"))
+            save_png(image, workdir / "samples" / f"step_{step:08d}.png")
+            save_png(image, workdir / "samples" / "latest.png")
 
     pending = None
     step = start
