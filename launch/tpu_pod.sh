@@ -13,7 +13,7 @@
 # TYPE: v5p-N, v4-N (N = TensorCores, 2 per chip, 4 chips per worker), v5litepod-N or v5e-N, v6e-N
 # (N = chips; up to 8 chips on one worker, 4 chips per worker above that).
 # Code: `git archive HEAD` of this checkout (committed files only) copied to every worker, or with
-# --repo URL --ref REF a `git clone` on every worker. Install: `pip install '.[tpu]'` (README) into
+# --repo URL --ref REF a `git clone` on every worker. Install: `pip install '.[tpu,gcs]'` (README; gcs: gs:// workdirs) into
 # ~/gmflow_venv, with python3.11 (installed with apt-get when the image lacks it; --remote-python).
 # Start: on every worker (--worker=all), under nohup-like HUP immunity, from the home directory:
 #   python -m gmflow_jax.train TRAINER_ARGS --multihost --workdir gs://BUCKET/RUN > ~/gmflow_train.log
@@ -242,8 +242,8 @@ deploy_code() {
 }
 
 install_code() {
-    note "installing on all workers: pip install '.[tpu]' into ~/$venv"
-    ssh_on all "set -e; if ! command -v $remote_python >/dev/null; then sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y $remote_python $remote_python-venv; fi; test -x $venv/bin/python || $remote_python -m venv $venv; $venv/bin/pip install -q --upgrade pip; cd $remote_dir && ~/$venv/bin/pip install -q '.[tpu]'"
+    note "installing on all workers: pip install '.[tpu,gcs]' into ~/$venv"
+    ssh_on all "set -e; if ! command -v $remote_python >/dev/null; then sudo apt-get -qq update && sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y $remote_python $remote_python-venv; fi; test -x $venv/bin/python || $remote_python -m venv $venv; $venv/bin/pip install -q --upgrade pip; cd $remote_dir && ~/$venv/bin/pip install -q '.[tpu,gcs]'"
 }
 
 # The trainer command on every worker (run from the home directory, so the installed package is used).

@@ -117,7 +117,7 @@ def test_tpu_pod_dry_run_prints_the_gcloud_commands(tmp_path):
     (archive,) = [c for c in cmds if c[0] == "git"]
     assert archive[archive.index("archive") :] == ["archive", "--format=tar.gz", f"--output={scp[5]}", "HEAD"]
     (install,) = [c for c in ssh if "pip install" in flag(c, "--command")]
-    assert flag(install, "--worker") == "all" and "'.[tpu]'" in flag(install, "--command")
+    assert flag(install, "--worker") == "all" and "'.[tpu,gcs]'" in flag(install, "--command")
     order = [cmds.index(c) for c in (create, archive, scp, install, starts[0])]
     assert order == sorted(order)
 
