@@ -25,6 +25,7 @@ demo: install
 lint: install-test
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/shellcheck launch/*.sh launch/*.sbatch
 
 test: lint
 	$(PY) -m pytest -q

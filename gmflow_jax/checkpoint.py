@@ -9,9 +9,17 @@ Layout under ``<workdir>``::
     damaged_checkpoints/<step>[.<time>]/ (+ .manifest.json, .reason.txt)   steps moved aside as damaged
     replaced_runs/<time>/         what ``set_aside`` moved out of the way (``--restart_from_scratch``)
 
-A step directory appears only once orbax has committed it (orbax writes to a temporary directory
-and renames it), so a half-written save is never taken for a checkpoint. The manifest is written by
-process 0 once the save has finished; on restore it detects truncated or deleted files.
+A step counts only once orbax has committed it: locally orbax writes to a temporary directory and
+renames it; on Google Cloud Storage (no rename) it writes ``<step>/commit_success.txt`` last, and
+``list_steps`` requires that file there. So a half-written save is never taken for a checkpoint. The
+manifest is written by process 0 once the save has finished; on restore it detects truncated or
+deleted files.
+
+Paths: ``workdir_path`` turns what the user gave (a local path, ``file:///...`` or
+``gs://BUCKET/...``) into an ``etils.epath.Path``, and every file operation here goes through
+``epath``, so the same code runs on a local disk and on GCS (through ``gcsfs``). Moving a step or
+a run aside is a rename locally and a copy of every file, then a delete, on GCS (see
+docs/reliability.md for what that means when interrupted).
 
 Restoring tells three failures apart and destroys nothing:
 
@@ -39,14 +47,17 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from gmflow_jax.multihost import barrier, max_over_processes
 
@@ -56,8 +67,14 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 
 SET_ASIDE_DIR = "replaced_runs"
+COMMIT_FILE = "commit_success.txt"  # orbax's mark of a committed step where it cannot rename (GCS)
+URL_SCHEMES = ("gs",)  # object stores that both epath (gcsfs) and orbax (TensorStore's gcs driver) write
 TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Temporary failure", "timed out")
 RETRY_DELAYS_S = (1.0, 4.0, 16.0)  # back-off before each retry of a transient read error
+
+# gcsfs keeps folder listings for the life of the process, but TensorStore (orbax's arrays) and other
+# processes write without it: a kept listing would hide their new steps. So gs:// listings are not kept.
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 
 
 class CheckpointError(RuntimeError):
@@ -82,13 +99,65 @@ class _IteratorSnapshot:
         return self._state
 
 
-def file_sizes(directory: str) -> dict[str, int]:
+def workdir_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: a local path made absolute (``~`` expanded), ``file:///x`` as the local
+    ``/x``, ``gs://BUCKET/x`` as it is. ``ValueError`` naming any other URL."""
+    text = os.fspath(path)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    if scheme == "file":
+        url = urllib.parse.urlsplit(text)
+        if url.netloc not in ("", "localhost") or url.query or url.fragment:
+            raise ValueError(f"path {text!r} is not a local file URL; expected file:///ABSOLUTE/PATH.")
+        return epath.Path(os.path.abspath(urllib.parse.unquote(url.path)))
+    if scheme in URL_SCHEMES and rest.split("/")[0]:
+        return epath.Path(text)
+    raise ValueError(f"path {text!r} is not supported; expected a local path, file:///... or gs://BUCKET/...")
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether ``path`` (as ``workdir_path`` returns it) is on an object store, not the local filesystem."""
+    return "://" in os.fspath(path)
+
+
+def write_atomic(path: epath.Path, data: str | bytes) -> None:
+    """Writes ``path`` so that readers see the old file or the new one: locally through ``<path>.tmp`` and a
+    replace; on an object store in one upload (all-or-nothing there)."""
+    tmp = path if is_url(path) else path.parent / f"{path.name}.tmp"
+    if isinstance(data, str):
+        tmp.write_text(data)
+    else:
+        tmp.write_bytes(data)
+    if tmp != path:
+        tmp.replace(path)
+
+
+def move(src: epath.Path, dst: epath.Path) -> None:
+    """Moves a file or folder: a rename locally; on an object store (no rename, no folders) a copy of every
+    file, then the delete of ``src`` (not atomic: interrupted, both may hold part of the files)."""
+    if not is_url(src):
+        shutil.move(src, dst)
+    elif src.is_dir():
+        for rel in file_sizes(src):
+            (src / rel).copy(dst / rel, overwrite=True)
+        src.rmtree()
+    else:
+        src.copy(dst, overwrite=True)
+        src.unlink()
+
+
+def file_sizes(directory: str | os.PathLike) -> dict[str, int]:
     """``{path relative to directory: size in bytes}`` of every file below ``directory``."""
+    top = workdir_path(directory)
+    base = os.fspath(top).split("://", 1)[-1]  # fsspec names the folders it walks without the scheme
     out = {}
-    for root, _, files in os.walk(directory):
+    for root, _, files in top.walk():
         for name in files:
-            path = os.path.join(root, name)
-            out[os.path.relpath(path, directory)] = os.path.getsize(path)
+            rel = os.path.relpath(os.path.join(os.fspath(root), name), base)
+            path = top / rel
+            # locally os.path: epath's stat also looks the owner up, which fails for a uid without a passwd entry
+            out[rel] = path.stat().length if is_url(path) else os.path.getsize(path)
     return out
 
 
@@ -117,10 +186,10 @@ def all_finite(tree: Any) -> bool:
 class Checkpointer:
     """Keep-last-N async checkpoints of ``(state dict, data iterator)`` in ``<workdir>/checkpoints``."""
 
-    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.workdir = os.path.abspath(workdir)
-        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
-        self.manifest_dir = os.path.join(self.workdir, MANIFEST_DIR)
+    def __init__(self, workdir: str | os.PathLike, *, keep: int, async_save: bool = True):
+        self.workdir = workdir_path(workdir)
+        self.directory = self.workdir / CHECKPOINT_DIR
+        self.manifest_dir = self.workdir / MANIFEST_DIR
         self._keep = keep
         self._async = async_save
         self._unmanifested: list[int] = []
@@ -162,20 +231,17 @@ class Checkpointer:
         except Exception as e:
             self._save_failed(e)
         self.check_for_errors()
-        if jax.process_index() == 0 and (self._unmanifested or os.path.isdir(self.manifest_dir)):
-            os.makedirs(self.manifest_dir, exist_ok=True)
+        if jax.process_index() == 0 and (self._unmanifested or self.manifest_dir.is_dir()):
+            self.manifest_dir.mkdir(parents=True, exist_ok=True)
             present = set(list_steps(self.directory))
             for step in self._unmanifested:
                 if step in present:
-                    sizes = file_sizes(os.path.join(self.directory, str(step)))
-                    tmp = os.path.join(self.manifest_dir, f"{step}.json.tmp")
-                    with open(tmp, "w") as f:
-                        json.dump(sizes, f, indent=0, sort_keys=True)
-                    os.replace(tmp, os.path.join(self.manifest_dir, f"{step}.json"))
-            for name in os.listdir(self.manifest_dir):  # drop manifests of steps orbax has deleted
-                stem = name.split(".")[0]
+                    sizes = file_sizes(self.directory / str(step))
+                    write_atomic(self.manifest_dir / f"{step}.json", json.dumps(sizes, indent=0, sort_keys=True))
+            for path in list(self.manifest_dir.iterdir()):  # drop manifests of steps orbax has deleted
+                stem = path.name.split(".")[0]
                 if stem.isdigit() and int(stem) not in present:
-                    os.remove(os.path.join(self.manifest_dir, name))
+                    path.unlink()
         self._unmanifested = []
 
     def wait(self) -> None:
@@ -237,7 +303,7 @@ class Checkpointer:
             return found
         raise CheckpointError(
             f"no checkpoint in {self.directory} can be restored ({'; '.join(problems)}); the damaged steps were "
-            f"moved to {os.path.join(self.workdir, DAMAGED_DIR)}. Refusing to restart from scratch: repair them, "
+            f"moved to {self.workdir / DAMAGED_DIR}. Refusing to restart from scratch: repair them, "
             "use a new --workdir, or pass --restart_from_scratch (sets the old files aside)."
         )
 
@@ -259,80 +325,86 @@ class Checkpointer:
     def _quarantine(self, step: int, reason: str) -> None:
         """Moves a damaged step (and its manifest) out of orbax's directory, with the reason beside it."""
         if jax.process_index() == 0:
-            dest = os.path.join(self.workdir, DAMAGED_DIR)
-            os.makedirs(dest, exist_ok=True)
+            dest = self.workdir / DAMAGED_DIR
+            dest.mkdir(parents=True, exist_ok=True)
             name = str(step)
-            if os.path.exists(os.path.join(dest, name)):  # damaged before: keep both
+            if (dest / name).exists():  # damaged before: keep both
                 name = f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.move(os.path.join(self.directory, str(step)), os.path.join(dest, name))
-            manifest = os.path.join(self.manifest_dir, f"{step}.json")
-            if os.path.exists(manifest):
-                shutil.move(manifest, os.path.join(dest, f"{name}.manifest.json"))
-            with open(os.path.join(dest, f"{name}.reason.txt"), "w") as f:
-                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {reason}\n")
+            move(self.directory / str(step), dest / name)
+            manifest = self.manifest_dir / f"{step}.json"
+            if manifest.exists():
+                move(manifest, dest / f"{name}.manifest.json")
+            (dest / f"{name}.reason.txt").write_text(f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}: {reason}\n")
         barrier(f"gmflow_quarantine_{step}")
         self._mngr.reload()
 
 
-def once_held_checkpoints(workdir: str) -> bool:
+def once_held_checkpoints(workdir: str | os.PathLike) -> bool:
     """Whether a run in ``workdir`` ever completed a checkpoint (manifests, or steps moved aside as damaged)."""
-    damaged = os.path.join(workdir, DAMAGED_DIR)
-    return os.path.isdir(os.path.join(workdir, MANIFEST_DIR)) or bool(os.path.isdir(damaged) and os.listdir(damaged))
+    root = workdir_path(workdir)
+    damaged = root / DAMAGED_DIR
+    return (root / MANIFEST_DIR).is_dir() or bool(damaged.is_dir() and any(damaged.iterdir()))
 
 
-def set_aside(workdir: str, keep: tuple[str, ...] = ()) -> str | None:
+def set_aside(workdir: str | os.PathLike, keep: tuple[str, ...] = ()) -> str | None:
     """Moves everything in ``workdir`` (but ``keep``) into ``<workdir>/replaced_runs/<time>/``; returns that
     folder, or None if there was nothing to move. Nothing is deleted."""
-    names = [n for n in os.listdir(workdir) if n not in (SET_ASIDE_DIR, *keep)] if os.path.isdir(workdir) else []
+    root = workdir_path(workdir)
+    names = [p.name for p in root.iterdir() if p.name not in (SET_ASIDE_DIR, *keep)] if root.is_dir() else []
     if not names:
         return None
-    dest = os.path.join(workdir, SET_ASIDE_DIR, time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(dest, exist_ok=True)
+    dest = root / SET_ASIDE_DIR / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True, exist_ok=True)
     for name in names:
-        shutil.move(os.path.join(workdir, name), os.path.join(dest, name))
-    return dest
+        move(root / name, dest / name)
+    return str(dest)
 
 
 # --- reading ----------------------------------------------------------------------------
 
 
-def locate(path: str) -> tuple[str, int | None]:
-    """``(checkpoint directory, pinned step or None)`` of a workdir, its ``checkpoints/`` root or a step directory.
+def locate(path: str | os.PathLike) -> tuple[str, int | None]:
+    """``(checkpoint directory, pinned step or None)`` of a workdir, its ``checkpoints/`` root or a step directory
+    (local, ``file://`` or ``gs://``; see ``workdir_path``).
 
     ``CheckpointError`` naming ``path`` if it does not exist.
     """
-    p = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(p):
-        raise CheckpointError(f"checkpoint path {path!r} does not exist (resolved to {p}).")
-    name = os.path.basename(p)
-    if name.isdigit() and os.path.isdir(os.path.join(p, "state")):
-        return os.path.dirname(p), int(name)
-    if name == CHECKPOINT_DIR and not os.path.isdir(os.path.join(p, CHECKPOINT_DIR)):
-        return p, None
-    return os.path.join(p, CHECKPOINT_DIR), None
+    p = workdir_path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint path {os.fspath(path)!r} does not exist (resolved to {p}).")
+    if p.name.isdigit() and (p / "state").is_dir():
+        return str(p.parent), int(p.name)
+    if p.name == CHECKPOINT_DIR and not (p / CHECKPOINT_DIR).is_dir():
+        return str(p), None
+    return str(p / CHECKPOINT_DIR), None
 
 
-def list_steps(directory: str) -> list[int]:
-    """Committed steps in a checkpoint directory, ascending: numbered directories holding ``state/``.
+def list_steps(directory: str | os.PathLike) -> list[int]:
+    """Committed steps in a checkpoint directory, ascending: numbered directories holding ``state/`` (and, on
+    an object store, orbax's ``commit_success.txt``).
 
-    Orbax writes a step under a temporary name and renames it when complete, so a half-written
-    save is never listed. A missing directory has no steps.
+    Orbax writes a step under a temporary name and renames it when complete (on GCS: writes the commit
+    file last), so a half-written save is never listed. A missing directory has no steps.
     """
-    if not os.path.isdir(directory):
+    root = workdir_path(directory)
+    if not root.is_dir():
         return []
-    names = os.listdir(directory)
-    return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(os.path.join(directory, n, "state")))
+    return sorted(
+        int(p.name)
+        for p in root.iterdir()
+        if p.name.isdigit() and (p / "state").is_dir() and (not is_url(p) or (p / COMMIT_FILE).exists())
+    )
 
 
-def verify_step(directory: str, step: int) -> str | None:
+def verify_step(directory: str | os.PathLike, step: int) -> str | None:
     """None if the files of ``step`` match its manifest, else what is wrong (no manifest: None, with a warning)."""
-    path = os.path.join(os.path.dirname(directory), MANIFEST_DIR, f"{step}.json")
-    if not os.path.exists(path):
+    root = workdir_path(directory)
+    path = root.parent / MANIFEST_DIR / f"{step}.json"
+    if not path.exists():
         logging.warning("checkpoint step %d has no manifest (the run stopped before writing it)", step)
         return None
-    with open(path) as f:
-        expected = json.load(f)
-    actual = file_sizes(os.path.join(directory, str(step)))
+    expected = json.loads(path.read_text())
+    actual = file_sizes(root / str(step))
     for rel, size in sorted(expected.items()):
         if rel not in actual:
             return f"file {rel} is missing"
@@ -341,35 +413,32 @@ def verify_step(directory: str, step: int) -> str | None:
     return None
 
 
-def read_meta(directory: str, step: int) -> dict[str, Any]:
+def read_meta(directory: str | os.PathLike, step: int) -> dict[str, Any]:
     """``{'step', 'config'}`` of a step (its ``meta`` item, else the workdir's ``config.json``)."""
-    meta = os.path.join(directory, str(step), "meta", "metadata")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            return json.load(f)
-    config = os.path.join(os.path.dirname(directory), "config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            return {"step": step, "config": json.load(f)}
+    root = workdir_path(directory)
+    meta = root / str(step) / "meta" / "metadata"
+    if meta.is_file():
+        return json.loads(meta.read_text())
+    config = root.parent / "config.json"
+    if config.is_file():
+        return {"step": step, "config": json.loads(config.read_text())}
     raise CheckpointError(f"checkpoint step {step} in {directory} has no config (looked at {meta} and {config}).")
 
 
-def state_metadata(directory: str, step: int) -> dict[str, Any]:
+def state_metadata(directory: str | os.PathLike, step: int) -> dict[str, Any]:
     """The stored tree of the ``state`` item of ``step``, leaves ``ArrayMetadata`` (shape, dtype); no array is read."""
-    from etils import epath
-
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        return handler.metadata(epath.Path(directory) / str(step) / "state").tree
+        return handler.metadata(workdir_path(directory) / str(step) / "state").tree
     finally:
         handler.close()
 
 
-def restore(directory: str, step: int, target: dict[str, Any] | None = None) -> dict[str, Any]:
+def restore(directory: str | os.PathLike, step: int, target: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``state`` item of ``step``: the entries of ``target`` (a sub-tree of the train state, e.g.
     ``{'ema': abstract params}``, leaves ``jax.ShapeDtypeStruct`` with shardings; the rest is not read),
     or with ``target=None`` the whole state as NumPy arrays (inspection, tests)."""
-    path = os.path.join(directory, str(step), "state")
+    path = workdir_path(directory) / str(step) / "state"
     with ocp.PyTreeCheckpointer() as ckptr:
         if target is None:
             tree = state_metadata(directory, step)

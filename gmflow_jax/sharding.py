@@ -46,10 +46,12 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], device_count: int, field: str 
     return shape
 
 
-def make_mesh(mesh_shape: Sequence[int], field: str = "config.mesh") -> Mesh:
-    """The ``('data', 'fsdp')`` mesh over all devices of all processes."""
-    shape = resolve_mesh_shape(mesh_shape, jax.device_count(), field)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+def make_mesh(mesh_shape: Sequence[int], field: str = "config.mesh", devices: Sequence[Any] | None = None) -> Mesh:
+    """The ``('data', 'fsdp')`` mesh over ``devices`` (default: all devices of all processes; an
+    ahead-of-time compile passes the devices of a ``jax.experimental.topologies`` description)."""
+    devices = jax.devices() if devices is None else list(devices)
+    shape = resolve_mesh_shape(mesh_shape, len(devices), field)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 def check_rules(rules: Mapping[str, str], field: str = "config.sharding") -> dict[str, str | None]:

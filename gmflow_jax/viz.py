@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -38,14 +39,17 @@ def render(samples: np.ndarray, rows: int) -> np.ndarray:
     return (255 * grid).astype(np.uint8)
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    """Writes an (H, W, 3) uint8 image as PNG (atomically)."""
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes an (H, W, 3) uint8 image as PNG (atomically), to a local, ``file://`` or ``gs://`` path."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.png"
-    Image.fromarray(image).save(tmp)
-    os.replace(tmp, path)
+    from gmflow_jax.checkpoint import workdir_path, write_atomic
+
+    target = workdir_path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = io.BytesIO()
+    Image.fromarray(image).save(data, format="PNG")
+    write_atomic(target, data.getvalue())
 
 
 def save_grid_png(samples: np.ndarray, path: str, rows: int, title: str | None = None, min_height: int = 480) -> None:

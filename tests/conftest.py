@@ -18,14 +18,18 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from scipy import integrate, stats
-from scipy.special import logsumexp, softmax
+# The tests run on the CPU (simulated devices). libtpu, a test dependency for the ahead-of-time TPU
+# compiles, would otherwise make every JAX process probe for a TPU first.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from gmflow_jax.gm import GM
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from scipy import integrate, stats  # noqa: E402
+from scipy.special import logsumexp, softmax  # noqa: E402
+
+from gmflow_jax.gm import GM  # noqa: E402
 
 TESTDATA_NAME = "official_gm_ops.npz"
 TESTDATA_ENV = "GMFLOW_TESTDATA"

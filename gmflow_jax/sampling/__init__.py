@@ -182,9 +182,8 @@ class Sampler:
         s, (graphdef, params, config) = found
         if problems:
             logging.warning("sampling from the previous good checkpoint, step %d", s)
-        return cls(
-            graphdef, params, config, step=s, path=os.path.join(directory, str(s)), workdir=os.path.dirname(directory)
-        )
+        root = ckpt_lib.workdir_path(directory)
+        return cls(graphdef, params, config, step=s, path=str(root / str(s)), workdir=str(root.parent))
 
     # --- helpers ------------------------------------------------------------------------
 

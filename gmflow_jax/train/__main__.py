@@ -20,7 +20,9 @@ from gmflow_jax.train.lock import WorkdirLockedError
 
 FLAGS = flags.FLAGS
 define_config_flag("config", "Experiment config: a name in configs/ (digits_gmdit) or a file path, with ':arg'.")
-flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, TensorBoard events, samples.")
+flags.DEFINE_string(
+    "workdir", None, "Run directory (a path, file:///... or gs://BUCKET/RUN): config, checkpoints, events, samples."
+)
 cli.define_multihost_flags()
 flags.DEFINE_bool(
     "restart_from_scratch",

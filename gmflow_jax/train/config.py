@@ -48,7 +48,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from gmflow_jax.checkpoint import config_changes
+from gmflow_jax.checkpoint import config_changes, workdir_path, write_atomic
 from gmflow_jax.models.factory import MODEL_KINDS
 
 CONFIG_PACKAGE = "gmflow_jax.configs"
@@ -410,17 +410,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _int(c, "debug.nan_at_step", -1)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes ``config.json`` and ``config.yaml``; warns naming the fields that differ from the previous run's."""
-    path = os.path.join(workdir, "config.json")
+def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Writes ``config.json`` and ``config.yaml`` (a local, ``file://`` or ``gs://`` workdir); warns naming the
+    fields that differ from the previous run's."""
+    root = workdir_path(workdir)
+    path = root / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True)
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if path.exists():
+        old = json.loads(path.read_text())
         if old != json.loads(text):
             logging.warning("the config differs from the previous run's: %s", config_changes(old, json.loads(text)))
     for name, content in (("config.json", text), ("config.yaml", config.to_yaml())):
-        tmp = os.path.join(workdir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(content)
-        os.replace(tmp, os.path.join(workdir, name))
+        write_atomic(root / name, content)

@@ -4,6 +4,12 @@ Process 0 creates the file atomically (``O_CREAT | O_EXCL``) and removes it when
 lock left by a process that is gone (same host, pid not running: a kill -9 or a crash) is taken
 over with a warning. A lock held from another host cannot be checked from here (shared or
 network filesystems): the second trainer refuses, naming the holder and how to clear the lock.
+
+On an object store (a ``gs://`` workdir) there is no ``O_EXCL``: process 0 writes the file only if
+it finds none, waits ``SETTLE_S`` and reads it back; it holds the lock only if the file still names
+it (of two trainers that both found no file, the one whose write landed last wins, the other
+refuses). Two trainers can still both start if one takes longer than ``SETTLE_S`` between its
+check and its write; docs/reliability.md says so.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import time
 
 from absl import logging
 
+from gmflow_jax.checkpoint import is_url, workdir_path
+
 LOCK_FILE = "trainer.lock"
+SETTLE_S = 2.0  # object stores: wait this long after writing the lock before reading it back
 
 
 class WorkdirLockedError(RuntimeError):
@@ -35,11 +44,17 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
     """``with WorkdirLock(workdir):`` holds the workdir for this process (call on process 0 only)."""
 
-    def __init__(self, workdir: str):
-        self.path = os.path.join(workdir, LOCK_FILE)
+    def __init__(self, workdir: str | os.PathLike):
+        self.path = workdir_path(workdir) / LOCK_FILE
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
     def _create(self) -> bool:
+        if is_url(self.path):  # no O_EXCL: write if absent, then check that our write is the one that stayed
+            if self.path.exists():
+                return False
+            self.path.write_text(json.dumps(self.info))
+            time.sleep(SETTLE_S)
+            return self._holder() == self.info
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -50,8 +65,7 @@ class WorkdirLock:
 
     def _holder(self) -> dict:
         try:
-            with open(self.path) as f:
-                return json.load(f)
+            return json.loads(self.path.read_text())
         except (OSError, ValueError):
             return {}  # being written, or unreadable: treated as held
 
@@ -68,7 +82,7 @@ class WorkdirLock:
                 holder["pid"],
                 holder.get("started", "?"),
             )
-            os.remove(self.path)
+            self.path.unlink()
             if self._create():
                 return
             holder = self._holder()  # another trainer took it over first
@@ -78,12 +92,12 @@ class WorkdirLock:
             if holder.get("host") == self.info["host"]
             else "if that trainer is no longer running, delete the lock file"
         )
-        raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is in use by {who} ({self.path}); {how}.")
+        raise WorkdirLockedError(f"workdir {self.path.parent} is in use by {who} ({self.path}); {how}.")
 
     def release(self) -> None:
         holder = self._holder()
         if holder.get("pid") == self.info["pid"] and holder.get("host") == self.info["host"]:
-            os.remove(self.path)
+            self.path.unlink()
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()

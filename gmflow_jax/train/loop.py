@@ -27,19 +27,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import agree, any_process, barrier, primary_first
-from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
+from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
-from gmflow_jax.train.step import make_train_step
+from gmflow_jax.train.step import jit_train_step
 from gmflow_jax.train.writers import create_writer, import_clu
+from gmflow_jax.utilization import ThroughputMeter, chip_for, train_flops_per_example
 from gmflow_jax.viz import render, save_png
 
 PREVIEW_SEED_OFFSET = 0x5A3  # the preview noise is the same at every step: samples are comparable
@@ -57,9 +59,11 @@ def host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
-def check_devices(config: ml_collections.ConfigDict) -> None:
-    """``ValueError`` naming ``config.batch_size`` unless it splits over devices and processes."""
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+def check_devices(config: ml_collections.ConfigDict, n_dev: int | None = None, n_proc: int | None = None) -> None:
+    """``ValueError`` naming ``config.batch_size`` unless it splits over the devices and processes (default:
+    this run's)."""
+    n_dev = jax.device_count() if n_dev is None else n_dev
+    n_proc = jax.process_count() if n_proc is None else n_proc
     if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(
             f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices "
@@ -124,7 +128,9 @@ def finite_check(setup: StateSetup) -> Any:
 # --- the loop --------------------------------------------------------------------------
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scratch: bool = False) -> TrainState:
+def train(
+    config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, restart_from_scratch: bool = False
+) -> TrainState:
     """Trains (or resumes) the run in ``workdir`` up to ``config.num_steps``; returns the final state.
 
     Returns early, after saving, when SIGTERM/SIGINT arrives (also during set-up or compilation).
@@ -138,13 +144,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
     validate_config(config)
     mesh = make_mesh(config.mesh)
     check_devices(config)
-    workdir = os.path.abspath(workdir)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    workdir = ckpt_lib.workdir_path(workdir)  # local, file:// or gs://
+    if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is a file; expected a directory (it is created if missing).")
     data_dir = resolve_data_dir(config.data.data_dir)
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
     check_data(config, source, workdir)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     with _hold_workdir(workdir):
         if restart_from_scratch and jax.process_index() == 0:
             moved = ckpt_lib.set_aside(workdir, keep=(LOCK_FILE,))
@@ -179,7 +185,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, restart_from_scrat
 
 
 @contextlib.contextmanager
-def _hold_workdir(workdir: str) -> Iterator[None]:
+def _hold_workdir(workdir: epath.Path) -> Iterator[None]:
     """The workdir lock, held by process 0 for all processes (they all stop if it is taken)."""
     lock, error = None, None
     if jax.process_index() == 0:
@@ -197,11 +203,9 @@ def _hold_workdir(workdir: str) -> Iterator[None]:
             lock.release()
 
 
-def _refuse_fresh_start_in_used_workdir(workdir: str) -> None:
+def _refuse_fresh_start_in_used_workdir(workdir: epath.Path) -> None:
     """``CheckpointError`` if ``workdir`` once held checkpoints but has none to resume from."""
-    if not ckpt_lib.list_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)) and ckpt_lib.once_held_checkpoints(
-        workdir
-    ):
+    if not ckpt_lib.list_steps(workdir / ckpt_lib.CHECKPOINT_DIR) and ckpt_lib.once_held_checkpoints(workdir):
         raise ckpt_lib.CheckpointError(
             f"{workdir} held checkpoints before (see {ckpt_lib.DAMAGED_DIR}/ and {ckpt_lib.MANIFEST_DIR}/) "
             "but has none left to resume from; refusing to start over from step 0. Pass --restart_from_scratch "
@@ -230,7 +234,7 @@ def _initial_state(
 
 def _loop(
     config: ml_collections.ConfigDict,
-    workdir: str,
+    workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     setup: StateSetup,
     iterator: Any,
@@ -241,13 +245,8 @@ def _loop(
 ) -> TrainState:
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
-    step_fn = jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
-        in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
-        out_shardings=(setup.shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
-    writer = create_writer(os.path.join(workdir, "tensorboard"), primary=primary)
+    step_fn = jit_train_step(config, setup, mesh)
+    writer = create_writer(str(workdir / "tensorboard"), primary=primary)
     writer.write_hparams(flat_config(config))
     _, periodic_actions = import_clu()
     progress = periodic_actions.ReportProgress(
@@ -257,7 +256,7 @@ def _loop(
     if config.log.profile_first_step > 0:
         hooks.append(
             periodic_actions.Profile(
-                logdir=os.path.join(workdir, "tensorboard"),
+                logdir=str(workdir / "tensorboard"),
                 num_profile_steps=config.log.profile_steps,
                 profile_duration_ms=None,
                 first_profile=config.log.profile_first_step,
@@ -271,6 +270,14 @@ def _loop(
     meta = {"config": json.loads(config.to_json_best_effort())}
     start = int(host_value(state.step))
     last_saved = start if resumed else -1
+
+    # images/s, model TFLOP/s per device and MFU between log points (utilization.py)
+    meter = ThroughputMeter(
+        train_flops_per_example(config.model),
+        config.batch_size,
+        jax.device_count(),
+        chip_for(jax.devices()[0].device_kind),
+    )
 
     def read_metrics(pending: tuple[int, dict[str, jax.Array]]) -> None:
         """Host read of a finished step's metrics; raises on non-finite values; logs periodically."""
@@ -286,7 +293,7 @@ def _loop(
                 f"({'step ' + str(last_saved) if last_saved >= 0 else 'none'}) has finite weights."
             )
         if (step + 1) % config.log.every_steps == 0 or step + 1 == config.num_steps:
-            writer.write_scalars(step + 1, values)
+            writer.write_scalars(step + 1, dict(values, **(meter.update(step + 1, time.time()) or {})))
 
     def save(step: int) -> None:
         nonlocal last_saved
@@ -301,8 +308,8 @@ def _loop(
         image = render(samples, rows)
         writer.write_images(step, {"ema_samples": image[None]})
         if primary:
-            save_png(image, os.path.join(workdir, "samples", f"step_{step:08d}.png"))
-            save_png(image, os.path.join(workdir, "samples", "latest.png"))
+            save_png(image, workdir / "samples" / f"step_{step:08d}.png")
+            save_png(image, workdir / "samples" / "latest.png")
 
     pending = None
     step = start

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
-from gmflow_jax.train.state import Params, TrainState, ema_beta, ema_update
+from gmflow_jax.sharding import batch_spec_sharding, replicated
+from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta, ema_update
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -90,3 +92,17 @@ def make_train_step(
         return new_state, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
     return step_fn
+
+
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+
+
+def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
+    """The trainer's compiled step: state sharded as ``setup``, batch split over the whole mesh, the
+    state donated; metrics replicated. The ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
+    return jax.jit(
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
+        out_shardings=(setup.shardings, replicated(mesh)),
+        donate_argnums=0,
+    )

@@ -6,6 +6,11 @@ do ``clu.periodic_actions`` and everything that imports it), so without TensorFl
 module first (only when TensorFlow is missing), after which clu's own ``MetricWriter``,
 ``LoggingWriter``, ``MultiWriter`` and ``periodic_actions`` import and work normally;
 ``TensorBoardXWriter`` is the ``MetricWriter`` that writes event files through tensorboardX.
+
+Event files in a ``gs://`` logdir go through ``epath`` (``ObjectStoreEventFile``): an object cannot be
+appended to, so each flush (tensorboardX flushes every 2 minutes) uploads the whole file again, and
+past ``EVENT_PART_BYTES`` the events go on in a new file. tensorboardX's own ``gs://`` writer is
+replaced: it needs ``google-cloud-storage`` and uploads one ever-growing file.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from absl import logging
 
 _TF_WRITER_MODULE = "clu.metric_writers.summary_writer"
+EVENT_PART_BYTES = 8 << 20  # an object-store event file is uploaded whole at each flush: start a new one past this
 
 
 def import_clu() -> tuple[types.ModuleType, types.ModuleType]:
@@ -44,8 +50,12 @@ def _tensorboardx_writer_class(base: type) -> type:
         """clu ``MetricWriter`` writing TensorBoard event files with tensorboardX (no TensorFlow)."""
 
         def __init__(self, logdir: str):
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer
 
+            from gmflow_jax.checkpoint import URL_SCHEMES
+
+            for scheme in URL_SCHEMES:
+                record_writer.register_writer_factory(scheme, _ObjectStoreEvents())
             self._writer = SummaryWriter(logdir=logdir)
 
         def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Any = None) -> None:
@@ -93,6 +103,48 @@ def _tensorboardx_writer_class(base: type) -> type:
             self._writer.close()
 
     return TensorBoardXWriter
+
+
+class ObjectStoreEventFile:
+    """An event file on an object store: the records are kept and the whole file is uploaded at each flush;
+    past ``EVENT_PART_BYTES`` the next records go to ``<name>.0001``, ... (TensorBoard reads every
+    ``*tfevents*`` file of a folder). tensorboardX calls ``write`` and ``flush`` under one lock, so a
+    flush sees whole records."""
+
+    def __init__(self, path: str):
+        from etils import epath
+
+        self._path = epath.Path(path)
+        self._part = 0
+        self._records = bytearray()
+        self._unsaved = False
+
+    def write(self, data: bytes) -> None:
+        self._records += data
+        self._unsaved = True
+
+    def flush(self) -> None:
+        if not self._unsaved:
+            return
+        name = self._path.name + (f".{self._part:04d}" if self._part else "")
+        (self._path.parent / name).write_bytes(bytes(self._records))
+        self._unsaved = False
+        if len(self._records) >= EVENT_PART_BYTES:
+            self._part += 1
+            self._records = bytearray()
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectStoreEvents:
+    """tensorboardX writer factory for an object-store scheme (no folders to create)."""
+
+    def open(self, path: str) -> ObjectStoreEventFile:
+        return ObjectStoreEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass
 
 
 def create_writer(logdir: str, *, primary: bool = True) -> Any:

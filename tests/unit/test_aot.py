@@ -1,0 +1,141 @@
+"""Ahead-of-time compiles for TPU topologies on the CPU (gmflow_jax.aot; libtpu is a test dependency)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gmflow_jax import aot
+from gmflow_jax.train.config import fsdp_rules, load_config
+from gmflow_jax.utilization import CHIPS
+
+TOPOLOGY = "v5p:2x2x1"  # 4 chips, one host
+
+
+@pytest.fixture(scope="module")
+def devices():
+    return aot.topology_devices(TOPOLOGY)
+
+
+def tiny(**kw):
+    config = load_config("imagenet_gmdit_k8:tiny")
+    config.update(kw)
+    return config
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("v5p:4x4x4", "v5p:4x4x4"),
+        ("v5p-64", "v5p:2x4x4"),  # 64 TensorCores = 32 chips
+        ("v5p-8", "v5p:2x2x1"),
+        ("v4-32", "v4:2x2x4"),
+        ("v5litepod-256", "v5e:16x16"),  # v5e counts chips
+        ("v5e-8", "v5e:2x4"),
+        ("v6e-256", "v6e:16x16"),
+    ],
+)
+def test_resolve_topology(name, expected):
+    assert aot.resolve_topology(name) == expected
+
+
+@pytest.mark.parametrize("name", ["v5p", "v5p-6", "h100-8", "v5p:4x4"])
+def test_resolve_topology_refuses(name):
+    with pytest.raises(ValueError, match="topology"):
+        aot.resolve_topology(name)
+
+
+def test_topology_devices(devices):
+    assert len(devices) == 4
+    assert aot.chip_for(devices[0].device_kind) is CHIPS["v5p"]
+    v4 = aot.topology_devices("v4-32")  # one device per chip (megacore), as JAX runs a v4
+    assert len(v4) == 16 and aot.chip_for(v4[0].device_kind) is CHIPS["v4"]
+
+
+def state_bytes_per_device(config, devices) -> int:
+    """Bytes of one device's shards of the train state, from the trainer's own abstract shardings."""
+    from gmflow_jax.sharding import make_mesh
+    from gmflow_jax.train.state import setup_state
+
+    setup = setup_state(config, make_mesh(config.mesh, devices=devices))
+    leaves = jax.tree.leaves(setup.abstract)
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * a.dtype.itemsize for a in leaves)
+
+
+def test_train_step_report(devices):
+    replicated, fsdp = tiny(mesh=(-1, 1)), tiny(mesh=(1, -1), sharding=fsdp_rules())
+    for config in (replicated, fsdp):
+        r = aot.compile_train_step(config, devices)
+        state = state_bytes_per_device(config, devices)
+        assert r.fits and r.num_devices == 4 and r.batch_size == 8
+        assert r.compiled.argument_bytes >= state  # the state's shards and the batch (TPU layouts pad)
+        assert r.compiled.alias_bytes >= state  # the state is donated: the new one lives in its buffers
+        assert r.compiled.flops >= r.model_flops_per_device > 0  # backward and optimizer on top of the model
+        assert r.step_seconds_at(0.5) == pytest.approx(r.model_flops_per_device / (0.5 * 459e12))
+    # FSDP splits the parameters and optimizer state over the devices
+    assert state_bytes_per_device(fsdp, devices) < state_bytes_per_device(replicated, devices) / 2
+
+
+def test_train_step_report_rejects_a_batch_that_does_not_split(devices):
+    with pytest.raises(ValueError, match="batch_size=6"):
+        aot.compile_train_step(tiny(mesh=(-1, 1), batch_size=6), devices)
+
+
+def test_sampler_report(devices):
+    config = tiny()
+    guided = aot.compile_sampler(config, devices, batch_per_device=2, num_steps=4)
+    assert guided.network_calls_per_step == 2.0  # conditional and unconditional in one batch
+    assert guided.batch_size == 8 and guided.fits
+    assert 0.0 < guided.solver_flop_share < 1.0
+    plain = aot.compile_sampler(config, devices, batch_per_device=2, num_steps=4, guided=False)
+    assert plain.network_calls_per_step == 1.0
+    assert plain.compiled.flops < guided.compiled.flops
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gmflow_jax.aot", "--config=imagenet_gmdit_k8:tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_report():
+    result = run_cli(f"--topology={TOPOLOGY}", "--config.mesh=(1,-1)", "--sampler_batch_per_device=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "4 × TPU v5" in out
+    for word in ("HBM total", "FLOP per device per step", "MFU 40 %", "MFU 60 %", "GM solver share"):
+        assert word in out, out
+    assert "fits" in out and "DOES NOT FIT" not in out
+
+
+def test_cli_step_that_does_not_fit():
+    # 2^22 images on 4 v5e chips (16 GiB each): the TPU compiler's own out-of-memory verdict
+    result = run_cli("--topology=v5e:2x2", "--config.mesh=(-1,1)", "--config.batch_size=4194304", "--nosampler")
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("gmflow_jax.aot: error: the train step does not fit"), result.stderr[-3000:]
+    assert "GiB more than the" in last and "--config.model.remat=True" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_loops_are_counted(devices):
+    # XLA's cost analysis counts a loop body once: the report says so when the program has loops
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = jax.ShapeDtypeStruct((128, 128), jnp.float32, sharding=NamedSharding(Mesh(np.asarray(devices), ("d",)), P()))
+
+    def power(n):
+        return jax.jit(lambda a: jax.lax.fori_loop(0, n, lambda _, c: jnp.tanh(c @ a), a))
+
+    one, eight = (aot.Compiled.of(power(n).lower(x).compile()) for n in (1, 8))
+    assert one.loops == 0 and eight.loops >= 1
+    assert eight.flops < 2 * one.flops  # the body's matmul counted once, not eight times

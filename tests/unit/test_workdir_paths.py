@@ -1,0 +1,238 @@
+"""Workdirs given as URLs: ``file:///...`` (local) and ``gs://`` on a stand-in object store (fsspec's
+in-memory filesystem under gcsfs's names, behind epath's fsspec backend as gcsfs is). Orbax's arrays go
+through TensorStore's own GCS client: tests/integration/test_remote_workdir.py runs a whole trainer
+against a GCS emulator."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import json
+import os
+import struct
+
+import fsspec
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from etils import epath
+from etils.epath import backend as epath_backend
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from gmflow_jax import checkpoint as ckpt
+from gmflow_jax.train import lock as lock_lib
+from gmflow_jax.train import writers
+from gmflow_jax.train.config import write_config
+from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+from gmflow_jax.viz import save_png
+
+
+def state(step: int) -> dict:
+    return {"step": jnp.int32(step), "params": {"w": jnp.full((3, 2), float(step))}, "ema": {"w": jnp.ones((3, 2))}}
+
+
+def save_steps(workdir: str, steps: tuple[int, ...]) -> None:
+    writer = ckpt.Checkpointer(workdir, keep=5, async_save=False)
+    for step in steps:
+        writer.save(step, state(step), b'{"pos": 0}', {"step": step, "config": {"model": {"depth": step}}})
+    writer.close()
+
+
+# --- workdir_path ----------------------------------------------------------------------------------
+
+
+def test_workdir_path_forms(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ckpt.workdir_path("runs/a") == epath.Path(tmp_path / "runs" / "a")
+    assert ckpt.workdir_path("~/x") == epath.Path(os.path.expanduser("~/x"))
+    assert ckpt.workdir_path("file:///tmp/a%20b/c") == epath.Path("/tmp/a b/c")
+    assert ckpt.workdir_path("file://localhost/tmp/x") == epath.Path("/tmp/x")
+    gs = ckpt.workdir_path("gs://bucket/run")
+    assert str(gs) == "gs://bucket/run" and str(gs / "checkpoints") == "gs://bucket/run/checkpoints"
+    assert ckpt.is_url(gs) and not ckpt.is_url(ckpt.workdir_path("file:///tmp/x"))
+    assert ckpt.workdir_path(gs) == gs  # idempotent
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("file://otherhost/x", "is not a local file URL"),
+        ("s3://bucket/x", "is not supported"),
+        ("gs:///x", "is not supported"),
+        ("http://host/x", "is not supported"),
+    ],
+)
+def test_workdir_path_refuses_other_urls_naming_them(bad, message):
+    with pytest.raises(ValueError, match=f"{bad!r} {message}"):
+        ckpt.workdir_path(bad)
+
+
+# --- a file:// workdir -------------------------------------------------------------------------------
+
+
+def test_checkpoints_through_a_file_url(tmp_path):
+    url = f"file://{tmp_path}"
+    save_steps(url, (1, 2))
+    directory = str(tmp_path / ckpt.CHECKPOINT_DIR)
+    assert sorted(os.listdir(tmp_path / ckpt.MANIFEST_DIR)) == ["1.json", "2.json"]  # written at the local path
+    assert ckpt.list_steps(f"{url}/checkpoints") == [1, 2]
+    assert ckpt.locate(url) == (directory, None)
+    assert ckpt.locate(f"{url}/checkpoints/2") == (directory, 2)
+    assert ckpt.verify_step(f"{url}/checkpoints", 2) is None
+    assert ckpt.read_meta(f"{url}/checkpoints", 1)["config"] == {"model": {"depth": 1}}
+    restored = ckpt.restore(f"{url}/checkpoints", 2)
+    np.testing.assert_array_equal(restored["params"]["w"], np.full((3, 2), 2.0))
+    files = [p for p in (tmp_path / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
+    biggest = max(files, key=lambda p: p.stat().st_size)
+    size = biggest.stat().st_size
+    biggest.write_bytes(biggest.read_bytes()[:10])
+    rel = biggest.relative_to(tmp_path / "checkpoints" / "2")
+    assert ckpt.verify_step(f"{url}/checkpoints", 2) == f"file {rel} has 10 bytes, expected {size}"
+    moved = ckpt.set_aside(url)
+    assert moved.startswith(str(tmp_path / ckpt.SET_ASIDE_DIR)) and ckpt.list_steps(f"{url}/checkpoints") == []
+    assert ckpt.list_steps(os.path.join(moved, ckpt.CHECKPOINT_DIR)) == [1, 2]
+
+
+# --- a gs:// workdir on a stand-in object store -------------------------------------------------------
+
+
+class FakeGCS(MemoryFileSystem):
+    """fsspec's in-memory filesystem under gcsfs's names: paths ``bucket/key`` without the scheme, and, as on
+    GCS, no folders of their own (a folder exists while a file is below it)."""
+
+    protocol = ("gs", "gcs")
+    root_marker = ""
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return str(path).removeprefix("gs://").removeprefix("gcs://").rstrip("/")
+
+    def mkdir(self, path, create_parents=True, **kwargs):
+        pass
+
+    def makedirs(self, path, exist_ok=False):
+        pass
+
+
+@pytest.fixture
+def gcs():
+    """``gs://`` paths go to a fresh ``FakeGCS`` (through epath's fsspec backend, as with gcsfs)."""
+    before = {name: fsspec.registry.get(name) for name in FakeGCS.protocol}
+    for name in FakeGCS.protocol:
+        fsspec.register_implementation(name, FakeGCS, clobber=True)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+    FakeGCS.store.clear()
+    yield "gs://bucket/run"
+    FakeGCS.store.clear()
+    registry = importlib.import_module("fsspec.registry")._registry  # the package exports a read-only view
+    for name, cls in before.items():
+        registry.pop(name, None)
+        if cls is not None:
+            fsspec.register_implementation(name, cls)
+    epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def upload(local: str, url: str, skip: tuple[str, ...] = ()) -> None:
+    """Copies the files of a local folder below ``url``."""
+    for rel in ckpt.file_sizes(local):
+        if not rel.startswith(skip):
+            epath.Path(f"{url}/{rel}").write_bytes(epath.Path(local, rel).read_bytes())
+
+
+def test_checkpoints_on_an_object_store(gcs, tmp_path):
+    save_steps(str(tmp_path), (1, 2, 3))
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"depth": 99}}))
+    (tmp_path / "notes.txt").write_text("a file of the run")
+    # orbax commits a step on GCS by writing this file last: without it, step 3 is half-written
+    upload(str(tmp_path), gcs, skip=(f"checkpoints/3/{ckpt.COMMIT_FILE}",))
+    directory = f"{gcs}/checkpoints"
+    assert ckpt.list_steps(directory) == [1, 2]
+    assert ckpt.locate(gcs) == (directory, None)
+    assert ckpt.locate(f"{directory}/2") == (directory, 2)
+    assert ckpt.once_held_checkpoints(gcs) and not ckpt.once_held_checkpoints(f"{gcs}/elsewhere")
+    assert ckpt.verify_step(directory, 2) is None
+    assert ckpt.read_meta(directory, 2)["config"] == {"model": {"depth": 2}}
+    sizes = ckpt.file_sizes(f"{directory}/2")
+    assert sizes == ckpt.file_sizes(tmp_path / "checkpoints" / "2")
+    rel = max(sizes, key=sizes.get)
+    epath.Path(f"{directory}/2/{rel}").write_bytes(b"0123456789")
+    assert ckpt.verify_step(directory, 2) == f"file {rel} has 10 bytes, expected {sizes[rel]}"
+    everything = ckpt.file_sizes(gcs)
+    moved = ckpt.set_aside(gcs, keep=("config.json",))
+    assert moved.startswith(f"{gcs}/{ckpt.SET_ASIDE_DIR}/")
+    assert ckpt.file_sizes(moved) == {k: v for k, v in everything.items() if k != "config.json"}  # all moved
+    assert sorted(p.name for p in epath.Path(gcs).iterdir()) == ["config.json", ckpt.SET_ASIDE_DIR]
+    assert ckpt.list_steps(f"{moved}/checkpoints") == [1, 2] and ckpt.list_steps(directory) == []
+
+
+def test_lock_on_an_object_store(gcs, monkeypatch):
+    monkeypatch.setattr(lock_lib, "SETTLE_S", 0.0)
+    path = epath.Path(gcs) / LOCK_FILE
+    with WorkdirLock(gcs) as held:
+        assert json.loads(path.read_text()) == held.info
+        with pytest.raises(WorkdirLockedError, match=rf"in use by pid {os.getpid()} .*{LOCK_FILE}"):
+            WorkdirLock(gcs).acquire()
+    assert not path.exists()  # released
+
+
+def test_lock_race_on_an_object_store_is_lost_to_the_last_writer(gcs, monkeypatch):
+    other = {"host": "pod-7", "pid": 7, "started": "now"}
+    path = epath.Path(gcs) / LOCK_FILE
+    # another trainer found no lock either and its write lands while this one waits to read its own back
+    monkeypatch.setattr(lock_lib.time, "sleep", lambda _: path.write_text(json.dumps(other)))
+    with pytest.raises(WorkdirLockedError, match="in use by pid 7 on pod-7"):
+        WorkdirLock(gcs).acquire()
+    assert json.loads(path.read_text()) == other  # the winner's lock stays
+
+
+def test_config_and_samples_on_an_object_store(gcs):
+    config = ml_collections.ConfigDict({"model": {"depth": 2}, "num_steps": 10})
+    write_config(config, gcs)
+    assert json.loads((epath.Path(gcs) / "config.json").read_text()) == config.to_dict()
+    image = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    save_png(image, f"{gcs}/samples/latest.png")
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(io.BytesIO(epath.Path(gcs, "samples", "latest.png").read_bytes()))), image
+    )
+    assert sorted(p.name for p in epath.Path(gcs).glob("*/*")) == ["latest.png"]  # no temporary file left
+
+
+def read_events(data: bytes) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` of the scalar events in a TFRecord event file."""
+    from tensorboardX.proto import event_pb2
+
+    out, i = [], 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + n])
+        out += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+        i += 16 + n
+    return out
+
+
+def test_tensorboard_events_on_an_object_store(gcs):
+    writer = writers.create_writer(f"{gcs}/tensorboard")
+    for step in range(5):
+        writer.write_scalars(step, {"loss": step / 4})
+    writer.close()
+    (events,) = epath.Path(gcs, "tensorboard").iterdir()
+    assert "tfevents" in events.name
+    assert read_events(events.read_bytes()) == [("loss", step, step / 4) for step in range(5)]
+
+
+def test_object_store_event_file_goes_on_in_a_new_file_past_the_part_size(gcs, monkeypatch):
+    monkeypatch.setattr(writers, "EVENT_PART_BYTES", 10)
+    name = f"{gcs}/tensorboard/events.out.tfevents.1.host"
+    events = writers.ObjectStoreEventFile(name)
+    events.write(b"a" * 6)
+    events.flush()
+    events.write(b"b" * 6)
+    events.flush()  # 12 bytes uploaded: the next records start a new file
+    events.write(b"c")
+    events.close()
+    assert epath.Path(name).read_bytes() == b"a" * 6 + b"b" * 6
+    assert epath.Path(f"{name}.0001").read_bytes() == b"c"
