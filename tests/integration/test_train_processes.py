@@ -220,6 +220,9 @@ def test_fsdp_on_8_devices_matches_1_device(tmp_path, data_dir):
     assert (tmp_path / "one" / "config.json").exists() and (tmp_path / "one" / "config.yaml").exists()
     assert list((tmp_path / "one" / "tensorboard").glob("events.out.tfevents.*"))
     assert (tmp_path / "one" / "samples" / "latest.png").exists()
+    # throughput from the second log point on (the first interval holds the compile); no MFU on a CPU
+    assert re.search(r"\[3\].*perf/images_per_sec=.*perf/tflops_per_device=", one), one[-3000:]
+    assert not re.search(r"\[1\].*perf/", one) and "perf/mfu" not in one
 
 
 @pytest.mark.slow
