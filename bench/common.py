@@ -42,3 +42,22 @@ def run_case_subprocess(cmd: list[str], name: str) -> dict:
     if out.returncode or line is None:
         raise SystemExit(f"case {name} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
     return json.loads(line[len("RESULT ") :])
+
+
+def synthetic_train_setup(config, n: int):
+    """``(mesh, setup, step_fn, batch)`` for timing the trainer's step (``jit_train_step``) on a random
+    batch of ``n`` examples split over all local devices."""
+    from gmflow_jax.models.factory import data_shape
+    from gmflow_jax.sharding import batch_spec_sharding, make_mesh
+    from gmflow_jax.train.state import setup_state
+    from gmflow_jax.train.step import jit_train_step
+
+    mesh = make_mesh((-1, 1))
+    setup = setup_state(config, mesh)
+    bsh = batch_spec_sharding(mesh)
+    key = jax.random.PRNGKey(1)
+    batch = {
+        "image": jax.device_put(jax.random.normal(key, (n, *data_shape(config.model))), bsh),
+        "label": jax.device_put(jax.random.randint(key, (n,), 0, config.model.num_classes), bsh),
+    }
+    return mesh, setup, jit_train_step(config, setup, mesh), batch

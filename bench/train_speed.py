@@ -44,28 +44,13 @@ def run_case(name: str, batch: int, steps: int) -> dict:
     """Measures one case in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
+    from common import synthetic_train_setup
 
-    from gmflow_jax.models.factory import data_shape
-    from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
-    from gmflow_jax.train.state import init_state, setup_state
-    from gmflow_jax.train.step import make_train_step
+    from gmflow_jax.train.state import init_state
 
     config = case_config(name, batch)
-    mesh = make_mesh((-1, 1))
-    setup = setup_state(config, mesh)
+    _, setup, step_fn, batch_arrays = synthetic_train_setup(config, batch)
     state = init_state(setup, 0)
-    bsh = batch_spec_sharding(mesh)
-    key = jax.random.PRNGKey(1)
-    batch_arrays = {
-        "image": jax.device_put(jax.random.normal(key, (batch, *data_shape(config.model))), bsh),
-        "label": jax.device_put(jax.random.randint(key, (batch,), 0, config.model.num_classes), bsh),
-    }
-    step_fn = jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
-        in_shardings=(setup.shardings, bsh),
-        out_shardings=(setup.shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()
     compile_s = time.perf_counter() - t0

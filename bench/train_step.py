@@ -92,28 +92,9 @@ def _median_time(fn, steps: int) -> tuple[float, float]:
 
 def _setup(config):
     """(setup, jitted donating train step, batch) on a one-device mesh."""
-    import jax
+    from common import synthetic_train_setup
 
-    from gmflow_jax.models.factory import data_shape
-    from gmflow_jax.sharding import batch_spec_sharding, make_mesh, replicated
-    from gmflow_jax.train.state import setup_state
-    from gmflow_jax.train.step import make_train_step
-
-    mesh = make_mesh((-1, 1))
-    setup = setup_state(config, mesh)
-    bsh = batch_spec_sharding(mesh)
-    n = int(config.batch_size)
-    key = jax.random.PRNGKey(1)
-    batch = {
-        "image": jax.device_put(jax.random.normal(key, (n, *data_shape(config.model))), bsh),
-        "label": jax.device_put(jax.random.randint(key, (n,), 0, config.model.num_classes), bsh),
-    }
-    step_fn = jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
-        in_shardings=(setup.shardings, bsh),
-        out_shardings=(setup.shardings, replicated(mesh)),
-        donate_argnums=0,
-    )
+    _, setup, step_fn, batch = synthetic_train_setup(config, int(config.batch_size))
     return setup, step_fn, batch
 
 
