@@ -108,6 +108,10 @@ class Compiled:
         """Peak device memory the program needs: arguments + outputs not aliased to them + temporaries + code."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
 
+    def fits_on(self, chip: Chip | None) -> bool:
+        """Whether ``total_bytes`` fits in the chip's memory (unknown chips: not checked, True)."""
+        return chip is None or self.total_bytes <= chip.memory_gib * GIB
+
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
@@ -121,7 +125,7 @@ class StepReport:
 
     @property
     def fits(self) -> bool:
-        return self.chip is None or self.compiled.total_bytes <= self.chip.memory_gib * GIB
+        return self.compiled.fits_on(self.chip)
 
     @property
     def model_flops_per_device(self) -> float | None:
@@ -155,7 +159,7 @@ class SamplerReport:
 
     @property
     def fits(self) -> bool:
-        return self.chip is None or self.compiled.total_bytes <= self.chip.memory_gib * GIB
+        return self.compiled.fits_on(self.chip)
 
 
 def _chip(devices: Sequence[Any]) -> Chip | None:
