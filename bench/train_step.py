@@ -6,19 +6,20 @@ spectral loss, 1000 classes, AdamW + EMA, float32) at batch 8 and 32, and the di
 (``--cpu``) with one XLA thread, so that its peak resident memory is its own and the figures compare
 with a one-thread reference. In that one process it measures
 
-* the network forward as the samplers run it (blocks unrolled, no remat): ``net(x_t, tau, labels)``;
+* the network forward as the samplers run it (no remat): ``net(x_t, tau, labels)``;
 * the trainer's jitted, state-donating train step (loss, gradients, AdamW, EMA, metrics) on a fixed
   synthetic batch (the data pipeline is not measured);
 
 each timed as the median of ``--steps`` calls after one warm-up call (CPU time of the process; wall time
-in the JSON lines), plus compile times (CPU time), and XLA's FLOP
-estimate (``compiled.cost_analysis()``) of both. XLA counts a loop body once, so the step's FLOPs are
-those of the same step with the blocks unrolled, compiled at depth 1 and 2 and extrapolated linearly in
-depth (every block costs the same). ``--no-scan`` measures the step with the blocks unrolled
-(``model.scan_blocks = False``, the code before issue 12).
+in the JSON lines), plus compile times (CPU time), and XLA's FLOP estimate (``compiled.cost_analysis()``)
+of both. ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual``) by the
+identity: the network as it was before issue 12, whose backward pass XLA:CPU compiles quadratically in
+depth (docs/performance.md).
 
-    taskset -c 1 python bench/train_step.py                 # all cases, markdown table
-    python bench/train_step.py --cases s2_b8 --no-scan      # the unrolled step, for comparison
+    python bench/train_step.py                                 # all cases, markdown table
+    python bench/train_step.py --cases s2_b8 --no-barrier      # the step before issue 12, for comparison
+
+Run one invocation at a time: two at once on the two cores slow each other down by up to 25 %.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ CASES = {
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def case_config(name: str, scan: bool, depth: int | None = None):
-    """The case's training config; ``depth`` overrides the model depth (for the FLOP extrapolation)."""
+def case_config(name: str):
+    """The case's training config."""
     from gmflow_jax.train.config import load_config
 
     c = load_config("digits_gmdit")
@@ -61,9 +62,6 @@ def case_config(name: str, scan: bool, depth: int | None = None):
         )
         c.loss.spectral_weight = 1.0
     c.batch_size = CASES[name][1]
-    c.model.scan_blocks = scan
-    if depth is not None:
-        c.model.depth = depth
     return c
 
 
@@ -98,33 +96,24 @@ def _setup(config):
     return setup, step_fn, batch
 
 
-def step_flops(name: str, scan: bool) -> float:
-    """XLA's FLOPs of the train step with the blocks unrolled, extrapolated from depth 1 and 2."""
-    full = case_config(name, scan).model.depth
-    f = []
-    for depth in (1, 2):
-        setup, step_fn, batch = _setup(case_config(name, False, depth))
-        f.append(_flops(step_fn.lower(setup.abstract, batch).compile()))
-    return f[0] + (full - 1) * (f[1] - f[0])
-
-
-def run_case(name: str, steps: int, scan: bool) -> dict:
+def run_case(name: str, steps: int, barrier: bool) -> dict:
     """Measures one case in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from gmflow_jax.models import gmdit
     from gmflow_jax.models.factory import build_model, split_params
     from gmflow_jax.train.state import init_state
 
-    config = case_config(name, scan)
+    if not barrier:
+        gmdit.residual = lambda x: x  # the network before issue 12
+    config = case_config(name)
     setup, step_fn, batch = _setup(config)
     state = init_state(setup, 0)
 
-    # the network forward as sampling builds it: unrolled blocks, no remat
-    graphdef, _ = split_params(
-        nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False, scan_blocks=False))
-    )
+    # the network forward as sampling builds it: no remat
+    graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False)))
     n = int(config.batch_size)
     tau = jnp.full((n,), 500.0, jnp.float32)
 
@@ -148,10 +137,10 @@ def run_case(name: str, steps: int, scan: bool) -> dict:
     step_s, step_wall_s = _median_time(one_step, steps)
     metrics = one_step()
     assert bool(jnp.isfinite(metrics["loss"]))
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the FLOP compiles
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "case": name,
-        "scan": scan,
+        "barrier": barrier,
         "params": setup.num_params(),
         "batch": n,
         "fwd_s": fwd_s,
@@ -161,7 +150,7 @@ def run_case(name: str, steps: int, scan: bool) -> dict:
         "fwd_compile_s": fwd_compile_s,
         "compile_s": compile_s,
         "fwd_gflops": _flops(fwd) / 1e9,
-        "step_gflops": step_flops(name, scan) / 1e9,
+        "step_gflops": _flops(compiled) / 1e9,
         "peak_rss_mb": peak_rss_mb,
     }
 
@@ -171,7 +160,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=None, help="timed calls per case (default 5 S/2, 20 digits)")
     parser.add_argument("--cpu", type=int, default=1, help="core each case is pinned to (-1: no pinning)")
-    parser.add_argument("--no-scan", action="store_true", help="blocks unrolled in the train step")
+    parser.add_argument("--no-barrier", action="store_true", help="the network before issue 12 (no residual barrier)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
@@ -182,7 +171,7 @@ def main() -> None:
         from common import print_result
 
         steps = args.steps or (20 if args.one == "digits" else 5)
-        print_result(run_case(args.one, steps, not args.no_scan))
+        print_result(run_case(args.one, steps, not args.no_barrier))
         return
 
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
@@ -193,13 +182,13 @@ def main() -> None:
         cmd = [__file__, "--one", name, "--cpu", str(args.cpu)]
         if args.steps:
             cmd += ["--steps", str(args.steps)]
-        if args.no_scan:
-            cmd += ["--no-scan"]
+        if args.no_barrier:
+            cmd += ["--no-barrier"]
         rows.append(run_case_subprocess(cmd, name))
         print(f"done {name}: {rows[-1]}", file=sys.stderr, flush=True)
 
-    blocks = "unrolled" if args.no_scan else "scanned"
-    print(f"Train step vs network forward ({blocks} blocks in the step), {today()}, {machine()}, ")
+    network = "without the residual barrier, as before issue 12" if args.no_barrier else "with the residual barrier"
+    print(f"Train step vs network forward ({network}), {today()}, {machine()}, ")
     print(f"one core (--cpu {args.cpu}), one XLA thread\n")
     print(
         "| case | params | batch | forward (CPU ms) | train step (CPU ms) | step / forward | ms per image (step) | "

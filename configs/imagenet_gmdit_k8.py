@@ -43,9 +43,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.logstd_inner_dim = 1024
     c.model.dtype = "bfloat16"
     c.model.remat = True
-    # Unrolled blocks on accelerators: the block scan (base_config's default, for XLA:CPU's backward pass, see
-    # docs/performance.md) costs 2.3 GiB more per chip on v5p-8 with no faster compile (docs/benchmarks.md).
-    c.model.scan_blocks = False
     c.model.spectrum = True
     c.model.spectrum_base_size = (32, 32)
     c.loss.trans_ratio = 0.5

@@ -7,7 +7,7 @@ devices, no data), and reads XLA's per-device memory and FLOP figures. ``compile
 the same for the sampler's compiled function. ``python -m gmflow_jax.aot`` prints the report.
 
 XLA's cost analysis counts a loop body once. The train step's FLOPs are the step's only when its
-program has no loops (``config.model.scan_blocks=False`` and no FSDP collective-matmul loops);
+program has no loops (no FSDP collective-matmul loops);
 otherwise the report says the figure is a lower bound. The sampler scans over its steps, so its
 FLOPs are those of one solver step (plus the one-off noise draw), which is what the solver's share
 is computed from.
@@ -219,7 +219,7 @@ def compile_sampler(
         )
     mesh = Mesh(np.asarray(devices), ("data",))
     rep, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    abstract_model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False, scan_blocks=False))
+    abstract_model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False))
     graphdef, abs_params = split_params(abstract_model)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), nnx.to_pure_dict(abs_params))
     n = batch_per_device * len(devices)

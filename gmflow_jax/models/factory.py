@@ -48,14 +48,11 @@ def data_shape(mcfg: Any) -> tuple[int, ...]:
     return (int(h), int(w), int(mcfg.in_channels))
 
 
-def build_model(
-    mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None, scan_blocks: bool | None = None
-) -> GMFlowModel:
+def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFlowModel:
     """The model described by ``config.model`` with parameters drawn from ``rngs``.
 
-    ``remat`` and ``scan_blocks`` override ``config.model.remat`` / ``config.model.scan_blocks``
-    (sampling builds without them: no gradients, nnx's remat does not nest in the sampler's vmapped
-    sweeps, and an unrolled forward is faster); the parameters are the same either way.
+    ``remat`` overrides ``config.model.remat`` (sampling builds without it: no gradients, and nnx's
+    remat does not nest in the sampler's vmapped sweeps); the parameters are the same either way.
     """
     if mcfg.kind == "toy":
         net = ToyGMFlow(
@@ -80,7 +77,6 @@ def build_model(
         logstd_inner_dim=mcfg.logstd_inner_dim,
         dtype=jnp.dtype(mcfg.dtype),
         remat=mcfg.remat if remat is None else remat,
-        scan=mcfg.get("scan_blocks", False) if scan_blocks is None else scan_blocks,
         rngs=rngs,
     )
     if mcfg.arch:

@@ -126,6 +126,31 @@ def unpatchify(x: Array, p: int, h: int, w: int) -> Array:
     return x.reshape(n, h, w, co)
 
 
+@jax.custom_vjp
+def residual(x: Array) -> Array:
+    """Identity on the residual stream whose backward pass makes XLA materialise the cotangent.
+
+    Without it, the cotangent of the residual stream is a chain of elementwise adds (one per
+    block and branch) that XLA:CPU's fusion pass copies into each of its consumers instead of
+    computing it once, so every block's backward recomputes all later blocks' contributions:
+    quadratic in depth (docs/performance.md). The backward returns ``g · exp(0 · g)``, which is
+    ``g`` exactly for finite ``g``; XLA does not duplicate an ``exp`` into several consumers, so
+    the cotangent is computed once per block. The forward is untouched.
+    """
+    return x
+
+
+def _residual_fwd(x: Array) -> tuple[Array, None]:
+    return x, None
+
+
+def _residual_bwd(_: None, g: Array) -> tuple[Array]:
+    return (g * jnp.exp(0.0 * g),)
+
+
+residual.defvjp(_residual_fwd, _residual_bwd)
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with biased q, k, v and output projections: (N, T, D) -> (N, T, D)."""
 
@@ -185,10 +210,10 @@ class DiTBlock(nnx.Module):
         mod = self.adaln(nnx.silu(c)).astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = _modulate(layer_norm(x, BLOCK_NORM_EPS), shift_msa, scale_msa)
-        x = x + gate_msa[:, None] * self.attn(h)
+        x = residual(x + gate_msa[:, None] * self.attn(h))
         h = _modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
         h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
-        return x + gate_mlp[:, None] * h
+        return residual(x + gate_mlp[:, None] * h)
 
 
 def _apply_block(block: DiTBlock, x: Array, c: Array) -> Array:
@@ -196,27 +221,6 @@ def _apply_block(block: DiTBlock, x: Array, c: Array) -> Array:
 
 
 _apply_block_remat = nnx.remat(_apply_block)
-
-
-def scan_blocks(blocks: Sequence[DiTBlock], x: Array, c: Array, *, remat: bool = False) -> Array:
-    """Applies identical ``blocks`` in order with one ``lax.scan``: x (N, T, D), c (N, D) -> (N, T, D).
-
-    The blocks' parameters are stacked on a leading depth axis inside the trace (the parameter
-    tree is unchanged), so XLA compiles one block instead of ``len(blocks)``. For the backward
-    pass this matters on XLA:CPU: unrolled, the residual stream's cotangent is an elementwise
-    chain that the CPU fusion pass duplicates into every consumer instead of materialising it,
-    so each block's backward re-reads all later blocks' outputs (quadratic in depth; see
-    docs/performance.md). The loop boundary materialises it once per block.
-    """
-    graphdef, _ = nnx.split(blocks[0])
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *[nnx.state(b) for b in blocks])
-
-    def body(h: Array, state: nnx.State) -> tuple[Array, None]:
-        return nnx.merge(graphdef, state)(h, c), None
-
-    if remat:
-        body = jax.checkpoint(body)
-    return jax.lax.scan(body, x, stacked)[0]
 
 
 class GMDiT(nnx.Module):
@@ -239,7 +243,6 @@ class GMDiT(nnx.Module):
         logstd_inner_dim: int = 1024,
         dtype: jnp.dtype | str = jnp.float32,
         remat: bool = False,
-        scan: bool = False,
         attention_impl: str | None = None,
         eager_sharding: bool | None = False,
         rngs: nnx.Rngs,
@@ -249,8 +252,7 @@ class GMDiT(nnx.Module):
         ``freq_shift``: 0 for the released model / original DiT, 1 for diffusers' stock DiT.
         ``mlp_norm_eps``: eps of the MLP-branch LayerNorm (diffusers' ``norm_eps``, 1e-5;
         the original DiT uses 1e-6). ``remat`` rematerialises every block in the backward
-        pass. ``scan`` runs the blocks as one ``lax.scan`` (``scan_blocks``; same parameters and
-        outputs): the trainer's choice, for its backward pass and compile time. ``attention_impl``
+        pass. ``attention_impl``
         goes to ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on GPUs). ``eager_sharding``:
         False stores the logical axis names as metadata only (no mesh needed); None follows
         ``nnx.use_eager_sharding``.
@@ -281,7 +283,6 @@ class GMDiT(nnx.Module):
         self.hidden_size = hidden_size
         self.freq_shift = float(freq_shift)
         self.remat = remat
-        self.scan = scan
         self.dtype = dtype
         kw = dict(dtype=dtype, eager_sharding=eager_sharding, rngs=rngs)
         d = hidden_size
@@ -347,12 +348,9 @@ class GMDiT(nnx.Module):
         c = self.conditioning(tau, labels)
         tokens = self.patch_embed(patchify(x, p)).astype(jnp.float32)
         tokens = tokens + jnp.asarray(sincos_pos_embed(self.hidden_size, h // p, w // p))[None]
-        if self.scan and len(self.blocks) > 1:
-            tokens = scan_blocks(self.blocks, tokens, c, remat=self.remat)
-        else:
-            apply = _apply_block_remat if self.remat else _apply_block
-            for block in self.blocks:
-                tokens = apply(block, tokens, c)
+        apply = _apply_block_remat if self.remat else _apply_block
+        for block in self.blocks:
+            tokens = apply(block, tokens, c)
         shift, scale = jnp.split(self.final_adaln(nnx.silu(c)).astype(jnp.float32), 2, axis=-1)
         out = self.head(_modulate(layer_norm(tokens, BLOCK_NORM_EPS), shift, scale))
         return unpatchify(out.astype(jnp.float32), p, h, w), c

@@ -50,9 +50,7 @@ def _load_step(directory: str, step: int, which: str, sharding: NamedSharding) -
     if problem is not None:
         raise SamplingCheckpointError(problem)
     config = ml_collections.ConfigDict(ckpt_lib.read_meta(directory, step)["config"])
-    graphdef, abstract = split_params(
-        nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False, scan_blocks=False))
-    )
+    graphdef, abstract = split_params(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False)))
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), nnx.to_pure_dict(abstract)
     )

@@ -100,7 +100,6 @@ def base_config() -> ml_collections.ConfigDict:
             logstd_inner_dim=256,
             dtype="float32",
             remat=False,
-            scan_blocks=True,
             spectrum=True,
             spectrum_base_size=(8, 8),
             vae="",

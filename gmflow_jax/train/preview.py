@@ -30,7 +30,7 @@ def make_preview_fn(config: Any, mesh: Mesh, data_shape: tuple[int, ...]) -> Cal
     else:
         labels = None
     n = lc.sample_points if labels is None else labels.shape[0]
-    graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False, scan_blocks=False)))
+    graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False)))
     static = ("gm-ode", lc.sample_order, lc.sample_steps, 1, False, False, False)
     run = sample_fn(graphdef, data_shape, None, static)
 

@@ -49,30 +49,6 @@ def test_train_step_is_pure_and_updates_the_ema_by_its_formula():
         np.testing.assert_allclose(e1, beta * np.asarray(e0) + (1 - beta) * np.asarray(p1), rtol=1e-5, atol=1e-7)
 
 
-def test_block_scan_does_not_change_the_train_step():
-    """``model.scan_blocks`` (the trainer's default) gives the unrolled step's loss, metrics and state."""
-    config = load_config("digits_gmdit:tiny")
-    config.model.depth = 3
-    mesh = make_mesh((-1, 1))
-    rng = np.random.default_rng(1)
-    batch = {
-        "image": jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *data_shape(config.model))), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, config.batch_size), jnp.int32),
-    }
-    out = {}
-    for scan in (False, True):
-        config.model.scan_blocks = scan
-        setup = setup_state(config, mesh)
-        step = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.schedule, config))
-        out[scan] = step(init_state(setup, seed=0), batch)
-    (s0, m0), (s1, m1) = out[False], out[True]
-    assert jax.tree.structure(s0) == jax.tree.structure(s1)
-    for k in m0:
-        np.testing.assert_allclose(m1[k], m0[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for a, b in zip(jax.tree.leaves(s0), jax.tree.leaves(s1), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-
-
 def test_train_function_in_process(tmp_path):
     """``train(config, workdir)`` is a library call (Colab): returns the final state, writes the run."""
     from gmflow_jax.train import train

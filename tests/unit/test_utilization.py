@@ -43,7 +43,7 @@ def traced_matmul_flops(jaxpr) -> int:
 )
 def test_gmdit_forward_flops_count_every_matmul(name, overrides):
     config = load_config(name)
-    config.model.update(remat=False, scan_blocks=False, **overrides)  # the trace counts a scan body once
+    config.model.update(remat=False, **overrides)
     model = nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     n = 3
