@@ -12,7 +12,7 @@ with a one-thread reference. In that one process it measures
 
 each timed as the median of ``--steps`` calls after one warm-up call (CPU time of the process; wall time
 in the JSON lines), plus compile times (CPU time), and XLA's FLOP estimate (``compiled.cost_analysis()``)
-of both. ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual``) by the
+of both. ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual_barrier``) by the
 identity: the network as it was before issue 12, whose backward pass XLA:CPU compiles quadratically in
 depth (docs/performance.md).
 
@@ -107,7 +107,7 @@ def run_case(name: str, steps: int, barrier: bool) -> dict:
     from gmflow_jax.train.state import init_state
 
     if not barrier:
-        gmdit.residual = lambda x: x  # the network before issue 12
+        gmdit.residual_barrier = lambda x: x  # the network before issue 12
     config = case_config(name)
     setup, step_fn, batch = _setup(config)
     state = init_state(setup, 0)

@@ -127,7 +127,7 @@ def unpatchify(x: Array, p: int, h: int, w: int) -> Array:
 
 
 @jax.custom_vjp
-def residual(x: Array) -> Array:
+def residual_barrier(x: Array) -> Array:
     """Identity on the residual stream whose backward pass makes XLA materialise the cotangent.
 
     Without it, the cotangent of the residual stream is a chain of elementwise adds (one per
@@ -135,20 +135,20 @@ def residual(x: Array) -> Array:
     computing it once, so every block's backward recomputes all later blocks' contributions:
     quadratic in depth (docs/performance.md). The backward returns ``g · exp(0 · g)``, which is
     ``g`` exactly for finite ``g``; XLA does not duplicate an ``exp`` into several consumers, so
-    the cotangent is computed once per block. The forward is untouched.
+    the cotangent is computed once per residual add. The forward compiles to the same program.
     """
     return x
 
 
-def _residual_fwd(x: Array) -> tuple[Array, None]:
+def _barrier_fwd(x: Array) -> tuple[Array, None]:
     return x, None
 
 
-def _residual_bwd(_: None, g: Array) -> tuple[Array]:
+def _barrier_bwd(_: None, g: Array) -> tuple[Array]:
     return (g * jnp.exp(0.0 * g),)
 
 
-residual.defvjp(_residual_fwd, _residual_bwd)
+residual_barrier.defvjp(_barrier_fwd, _barrier_bwd)
 
 
 class Attention(nnx.Module):
@@ -210,10 +210,10 @@ class DiTBlock(nnx.Module):
         mod = self.adaln(nnx.silu(c)).astype(jnp.float32)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = _modulate(layer_norm(x, BLOCK_NORM_EPS), shift_msa, scale_msa)
-        x = residual(x + gate_msa[:, None] * self.attn(h))
+        x = residual_barrier(x + gate_msa[:, None] * self.attn(h))
         h = _modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
         h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
-        return residual(x + gate_mlp[:, None] * h)
+        return residual_barrier(x + gate_mlp[:, None] * h)
 
 
 def _apply_block(block: DiTBlock, x: Array, c: Array) -> Array:
@@ -252,10 +252,9 @@ class GMDiT(nnx.Module):
         ``freq_shift``: 0 for the released model / original DiT, 1 for diffusers' stock DiT.
         ``mlp_norm_eps``: eps of the MLP-branch LayerNorm (diffusers' ``norm_eps``, 1e-5;
         the original DiT uses 1e-6). ``remat`` rematerialises every block in the backward
-        pass. ``attention_impl``
-        goes to ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on GPUs). ``eager_sharding``:
-        False stores the logical axis names as metadata only (no mesh needed); None follows
-        ``nnx.use_eager_sharding``.
+        pass. ``attention_impl`` goes to ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on
+        GPUs). ``eager_sharding``: False stores the logical axis names as metadata only (no mesh
+        needed); None follows ``nnx.use_eager_sharding``.
         """
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         p = patch_size

@@ -320,20 +320,20 @@ def test_remat_gives_the_same_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_residual_backward_is_the_identity():
+def test_residual_barrier_backward_is_the_identity():
     """The residual-stream barrier's cotangent is the incoming one, bit for bit, for finite values."""
     rng = np.random.default_rng(0)
     g = (rng.standard_normal((4, 5, 6)) * 10.0 ** rng.integers(-30, 38, (4, 5, 6))).astype(np.float32)
     g[0, 0, :3] = [0.0, -0.0, np.finfo(np.float32).max]
     x = jnp.zeros_like(g)
-    out, vjp = jax.vjp(gmdit.residual, x)
+    out, vjp = jax.vjp(gmdit.residual_barrier, x)
     np.testing.assert_array_equal(out, x)
     (back,) = jax.jit(vjp)(jnp.asarray(g))
     np.testing.assert_array_equal(np.asarray(back).view(np.uint32), g.view(np.uint32))
 
 
-def _identity_residual(monkeypatch):
-    monkeypatch.setattr(gmdit, "residual", lambda x: x)
+def _without_barrier(monkeypatch):
+    monkeypatch.setattr(gmdit, "residual_barrier", lambda x: x)
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -347,7 +347,7 @@ def test_residual_barrier_does_not_change_gradients(monkeypatch, remat):
         return jnp.mean(gm.means**2) + jnp.mean(gm.logweights) + jnp.mean(gm.logstds)
 
     with_barrier = nnx.to_pure_dict(nnx.grad(loss)(model))
-    _identity_residual(monkeypatch)
+    _without_barrier(monkeypatch)
     plain = nnx.to_pure_dict(nnx.grad(loss)(model))
     assert jax.tree.structure(with_barrier) == jax.tree.structure(plain)
     for a, b in zip(jax.tree.leaves(with_barrier), jax.tree.leaves(plain), strict=True):
@@ -374,11 +374,11 @@ def test_backward_fusions_do_not_grow_with_depth(monkeypatch):
         pytest.skip("the fusion behaviour is XLA:CPU's")
     shallow, deep = _widest_backward_fusion(2), _widest_backward_fusion(6)
     assert deep == shallow, f"largest backward fusion: {shallow} operands at depth 2, {deep} at depth 6"
-    _identity_residual(monkeypatch)
+    _without_barrier(monkeypatch)
     shallow, deep = _widest_backward_fusion(2), _widest_backward_fusion(6)
     assert deep > shallow + 10, (
         f"without the barrier the largest fusion has {shallow} operands at depth 2 and {deep} at depth 6: "
-        "XLA no longer duplicates the cotangent chain, so models.gmdit.residual may be unnecessary"
+        "XLA no longer duplicates the cotangent chain, so models.gmdit.residual_barrier may be unnecessary"
     )
 
 
