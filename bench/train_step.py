@@ -88,29 +88,23 @@ def _median_time(fn, steps: int) -> tuple[float, float]:
     return sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
 
 
-def _setup(config):
-    """(setup, jitted donating train step, batch) on a one-device mesh."""
-    from common import synthetic_train_setup
-
-    _, setup, step_fn, batch = synthetic_train_setup(config, int(config.batch_size))
-    return setup, step_fn, batch
-
-
 def run_case(name: str, steps: int, barrier: bool) -> dict:
     """Measures one case in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
+    from common import synthetic_train_setup
     from flax import nnx
 
     from gmflow_jax.models import gmdit
     from gmflow_jax.models.factory import build_model, split_params
+    from gmflow_jax.train.memory import return_freed_memory
     from gmflow_jax.train.state import init_state
+    from gmflow_jax.train.step import abstract_batch
 
     if not barrier:
         gmdit.residual_barrier = lambda x: x  # the network before issue 12
     config = case_config(name)
-    setup, step_fn, batch = _setup(config)
-    state = init_state(setup, 0)
+    mesh, setup, step_fn, batch = synthetic_train_setup(config, int(config.batch_size))
 
     # the network forward as sampling builds it: no remat
     graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False)))
@@ -120,14 +114,19 @@ def run_case(name: str, steps: int, barrier: bool) -> dict:
     def forward(params, x, tau, labels):
         return nnx.merge(graphdef, params).net(x, tau, labels)
 
+    # as the trainer does: compile from shapes, hand the compiler's freed memory back, then allocate the state
+    shapes = abstract_batch(config, mesh)
     c0 = time.process_time()
-    fwd = jax.jit(forward).lower(state.params, batch["image"], tau, batch["label"]).compile()
+    fwd = jax.jit(forward).lower(setup.abstract.params, shapes["image"], tau, shapes["label"]).compile()
     fwd_compile_s = time.process_time() - c0
-    fwd_s, fwd_wall_s = _median_time(lambda: fwd(state.params, batch["image"], tau, batch["label"]), steps)
-
     c0 = time.process_time()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(setup.abstract, shapes).compile()
     compile_s = time.process_time() - c0
+    return_freed_memory()
+    state = init_state(setup, 0)
+    return_freed_memory()
+
+    fwd_s, fwd_wall_s = _median_time(lambda: fwd(state.params, batch["image"], tau, batch["label"]), steps)
     holder = {"state": state}
 
     def one_step():

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.sampling import sample_fn
-from gmflow_jax.sharding import batch_spec_sharding, make_mesh
+from gmflow_jax.sharding import make_mesh
 from gmflow_jax.utilization import Chip, chip_for, train_flops_per_example
 
 GIB = 2.0**30
@@ -171,19 +171,15 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
     from gmflow_jax.train.config import validate_config
     from gmflow_jax.train.loop import check_devices
     from gmflow_jax.train.state import setup_state
-    from gmflow_jax.train.step import jit_train_step
+    from gmflow_jax.train.step import abstract_batch, jit_train_step
 
     validate_config(config)
     mesh = make_mesh(config.mesh, devices=devices)
     check_devices(config, len(devices), len({d.process_index for d in devices}))
     setup = setup_state(config, mesh)
-    batch_sharding = batch_spec_sharding(mesh)
-    n = int(config.batch_size)
-    batch = {
-        "image": jax.ShapeDtypeStruct((n, *data_shape(config.model)), jnp.float32, sharding=batch_sharding),
-        "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=batch_sharding),
-    }
+    batch = abstract_batch(config, mesh)
     compiled = _compile(jit_train_step(config, setup, mesh).lower(setup.abstract, batch), "train step", STEP_LEVERS)
+    n = int(config.batch_size)
     return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, train_flops_per_example(config.model))
 
 

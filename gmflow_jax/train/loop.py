@@ -37,9 +37,10 @@ from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+from gmflow_jax.train.memory import return_freed_memory
 from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
-from gmflow_jax.train.step import jit_train_step
+from gmflow_jax.train.step import StepFn, compiled_train_step
 from gmflow_jax.train.writers import create_writer, import_clu
 from gmflow_jax.utilization import ThroughputMeter, chip_for, train_flops_per_example
 from gmflow_jax.viz import render, save_png
@@ -170,13 +171,15 @@ def train(
         with StopRequest(config.checkpoint.preemption_check_every) as stop:
             setup = setup_state(config, mesh)
             logging.info("model: %s parameters", f"{setup.num_params():,}")
+            step_fn = _compile_step(config, setup, mesh)
             iterator = make_data_iterator(config, source, mesh, data_dir)
             ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
             try:
                 state, resumed = _initial_state(config, setup, iterator, ckpt)
+                return_freed_memory()  # the initialisation's or the restore's temporaries
                 if jax.process_index() == 0:
                     write_config(config, workdir)  # only once the run is known to fit the workdir
-                return _loop(config, workdir, mesh, setup, iterator, ckpt, state, resumed, stop)
+                return _loop(config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop)
             finally:
                 try:
                     ckpt.close()
@@ -213,6 +216,16 @@ def _refuse_fresh_start_in_used_workdir(workdir: epath.Path) -> None:
         )
 
 
+def _compile_step(config: ml_collections.ConfigDict, setup: StateSetup, mesh: jax.sharding.Mesh) -> StepFn:
+    """The train step, compiled before any state exists: the compiler's transient memory is handed
+    back before the state and the step's buffers are allocated (host memory, docs/performance.md)."""
+    t0 = time.time()
+    step_fn = compiled_train_step(config, setup, mesh)
+    logging.info("compiled the train step in %.1f s", time.time() - t0)
+    return_freed_memory()
+    return step_fn
+
+
 def _initial_state(
     config: ml_collections.ConfigDict, setup: StateSetup, iterator: Any, ckpt: ckpt_lib.Checkpointer
 ) -> tuple[TrainState, bool]:
@@ -237,6 +250,7 @@ def _loop(
     workdir: epath.Path,
     mesh: jax.sharding.Mesh,
     setup: StateSetup,
+    step_fn: StepFn,
     iterator: Any,
     ckpt: ckpt_lib.Checkpointer,
     state: TrainState,
@@ -245,7 +259,6 @@ def _loop(
 ) -> TrainState:
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
-    step_fn = jit_train_step(config, setup, mesh)
     writer = create_writer(str(workdir / "tensorboard"), primary=primary)
     writer.write_hparams(flat_config(config))
     _, periodic_actions = import_clu()

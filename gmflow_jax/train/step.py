@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
+from gmflow_jax.models.factory import data_shape
 from gmflow_jax.sharding import batch_spec_sharding, replicated
 from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta, ema_update
 
@@ -106,3 +107,23 @@ def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
         out_shardings=(setup.shardings, replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def abstract_batch(config: Any, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes, as shapes: ``image`` (N, *data_shape) float32, ``label`` (N,)
+    int32, both split over the whole mesh (the layout of every data iterator)."""
+    sharding = batch_spec_sharding(mesh)
+    n = int(config.batch_size)
+    return {
+        "image": jax.ShapeDtypeStruct((n, *data_shape(config.model)), jnp.float32, sharding=sharding),
+        "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding),
+    }
+
+
+def compiled_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
+    """``jit_train_step``, compiled now from shapes alone (``setup.abstract``, ``abstract_batch``);
+    calling it with a real state and batch does not compile again. The trainer compiles before it
+    creates or restores the state, so that the compiler's transient memory is not on top of it."""
+    step_fn = jit_train_step(config, setup, mesh)
+    step_fn.lower(setup.abstract, abstract_batch(config, mesh)).compile()
+    return step_fn

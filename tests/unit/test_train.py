@@ -66,3 +66,57 @@ def test_train_function_in_process(tmp_path):
     assert (workdir / "samples" / "step_00000004.png").exists()
     saved = checkpoint.restore(directory, 4)
     np.testing.assert_array_equal(saved["params"]["net"]["head"]["bias"], state.params["net"]["head"]["bias"])
+
+
+def _step_compiles(caplog) -> int:
+    return sum("Finished XLA compilation of jit(step_fn)" in r.getMessage() for r in caplog.records)
+
+
+def test_trainer_compiles_the_step_once_before_the_state(tmp_path, caplog):
+    """The step is compiled from shapes before the state exists, and the loop's calls (fresh start and
+    resume, whose state comes from a checkpoint) reuse that executable instead of compiling again."""
+    import logging
+
+    from gmflow_jax.train import train
+
+    c = load_config("checkerboard_k64:tiny")
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.model.hidden, c.model.num_layers, c.model.num_freqs = 16, 1, 2
+    c.batch_size, c.num_steps = 32, 2
+    c.log.sample_every_steps = 0
+    caplog.set_level(logging.WARNING, logger="jax")
+    caplog.set_level(logging.INFO, logger="absl")
+    for num_steps in (2, 4):  # a fresh run, then its resume
+        c.num_steps = num_steps
+        caplog.clear()
+        with jax.log_compiles(True):
+            state = train(c, str(tmp_path / "run"))
+        assert int(state.step) == num_steps
+        messages = [r.getMessage() for r in caplog.records]
+        assert _step_compiles(caplog) == 1, [m[:120] for m in messages]
+    compiled = next(i for i, m in enumerate(messages) if m.startswith("compiled the train step"))
+    assert compiled < next(i for i, m in enumerate(messages) if m.startswith("resumed from"))
+
+
+def test_return_freed_memory_hands_heap_pages_back(tmp_path):
+    """glibc keeps freed heap chunks resident; ``return_freed_memory`` gives them back."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's")
+    script = """
+from gmflow_jax.train.memory import return_freed_memory
+def rss_mb():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) // 1024
+blocks = [bytearray(b'x' * 100_000) for _ in range(3000)]  # 300 MB written, in chunks below the mmap threshold
+kept = blocks[::10]  # every tenth stays: the heap cannot shrink from its top
+del blocks
+before = rss_mb()
+return_freed_memory()
+print(before, rss_mb())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert before - after > 150, f"resident {before} MB before, {after} MB after return_freed_memory()"
