@@ -44,20 +44,21 @@ def run_case_subprocess(cmd: list[str], name: str) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def synthetic_train_setup(config, n: int):
+def synthetic_train_setup(config):
     """``(mesh, setup, step_fn, batch)`` for timing the trainer's step (``jit_train_step``) on a random
-    batch of ``n`` examples split over all local devices."""
-    from gmflow_jax.models.factory import data_shape
-    from gmflow_jax.sharding import batch_spec_sharding, make_mesh
+    batch of ``config.batch_size`` examples split over all local devices (``train.step.abstract_batch``)."""
+    from gmflow_jax.sharding import make_mesh
     from gmflow_jax.train.state import setup_state
-    from gmflow_jax.train.step import jit_train_step
+    from gmflow_jax.train.step import abstract_batch, jit_train_step
 
     mesh = make_mesh((-1, 1))
     setup = setup_state(config, mesh)
-    bsh = batch_spec_sharding(mesh)
+    shapes = abstract_batch(config, mesh)
     key = jax.random.PRNGKey(1)
     batch = {
-        "image": jax.device_put(jax.random.normal(key, (n, *data_shape(config.model))), bsh),
-        "label": jax.device_put(jax.random.randint(key, (n,), 0, config.model.num_classes), bsh),
+        "image": jax.device_put(jax.random.normal(key, shapes["image"].shape), shapes["image"].sharding),
+        "label": jax.device_put(
+            jax.random.randint(key, shapes["label"].shape, 0, config.model.num_classes), shapes["label"].sharding
+        ),
     }
     return mesh, setup, jit_train_step(config, setup, mesh), batch

@@ -49,7 +49,7 @@ def run_case(name: str, batch: int, steps: int) -> dict:
     from gmflow_jax.train.state import init_state
 
     config = case_config(name, batch)
-    _, setup, step_fn, batch_arrays = synthetic_train_setup(config, batch)
+    _, setup, step_fn, batch_arrays = synthetic_train_setup(config)
     state = init_state(setup, 0)
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch_arrays).compile()

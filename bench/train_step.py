@@ -104,7 +104,7 @@ def run_case(name: str, steps: int, barrier: bool) -> dict:
     if not barrier:
         gmdit.residual_barrier = lambda x: x  # the network before issue 12
     config = case_config(name)
-    mesh, setup, step_fn, batch = synthetic_train_setup(config, int(config.batch_size))
+    mesh, setup, step_fn, batch = synthetic_train_setup(config)
 
     # the network forward as sampling builds it: no remat
     graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False)))
