@@ -1,4 +1,4 @@
-"""Precision/recall benchmark: wall time of ``gmflow_jax.eval.metrics.precision_recall`` on random features.
+"""Precision/recall benchmark: wall time of ``gmflow_jax.evaluate.metrics.precision_recall`` on random features.
 
 The ADM setting is 50,000 reference × 50,000 sample InceptionV3 pool3 features (D = 2048, k = 3, blocks of
 10,000). The cost is quadratic in N: three N×N squared-distance passes (real radii, fake radii, cross membership),
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import machine, today  # noqa: E402
 
-from gmflow_jax.eval.metrics import precision_recall  # noqa: E402
+from gmflow_jax.evaluate.metrics import precision_recall  # noqa: E402
 
 
 def run(n: int, dim: int, batch_size: int, k: int) -> tuple[float, float, float]:

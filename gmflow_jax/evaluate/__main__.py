@@ -5,7 +5,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from gmflow_jax import checkpoint, cli, solvers
-from gmflow_jax.evaluate import Setting, evaluate_samples, write_metrics
+from gmflow_jax.evaluate.sampling import Setting, evaluate_samples, write_metrics
 from gmflow_jax.sampling import Sampler
 
 FLAGS = flags.FLAGS

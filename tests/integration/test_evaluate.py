@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_helpers import error_line, run
 
-from gmflow_jax.evaluate import Setting, eval_labels, evaluate_samples, write_metrics
+from gmflow_jax.evaluate.sampling import Setting, eval_labels, evaluate_samples, write_metrics
 from gmflow_jax.sampling import Sampler
 
 N, CHUNK = 40, 16

@@ -1,4 +1,4 @@
-"""gmflow_jax.eval.metrics against independent references (direct scipy, closed forms, brute force, colorsys)."""
+"""gmflow_jax.evaluate.metrics against independent references (direct scipy, closed forms, brute force, colorsys)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from gmflow_jax.eval import metrics as M
+from gmflow_jax.evaluate import metrics as M
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
 

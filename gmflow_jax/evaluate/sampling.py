@@ -1,0 +1,202 @@
+"""Sampling for evaluation at scale: sharded over processes, resumable, one compiled sweep per setting.
+
+    python -m gmflow_jax.evaluate --workdir DIR --out DIR [--num_samples 50000] [--solver gm-ode] [--order 2]
+        [--num_steps 8] [--num_substeps 1] [--guidance 0.0,0.1,...] [--seed 0]
+
+For one solver setting and a list of guidance values it writes one folder per guidance value,
+``<out>/<setting>/samples.npz`` in the ADM evaluator's format (``arr_0`` uint8 ``(N, H, W, 3)``, plus
+``labels``), a picture grid ``grid.png`` (the same classes and seeds in every setting) and a row in
+``<out>/metrics.json``.
+
+* Labels: ``eval_labels(N, classes, seed)``, the same list for every setting (each class equally
+  often, shuffled by the seed), so settings differ only in the solver and the guidance.
+* Sample ``i`` lives in chunk ``c = i // chunk_size``; chunk ``c`` is drawn by one compiled call of the
+  whole guidance sweep with the key ``fold_in(key(seed), c)`` and the starting noise of each sample
+  drawn from ``(seed, i)``. JAX process ``p`` of ``P`` draws the chunks ``c ≡ p (mod P)`` on its local
+  devices, so the samples depend on (checkpoint, setting, seed, chunk size) only: not on the number
+  of hosts or devices.
+* Resumable: every chunk is written (atomically) to ``<out>/<setting>/chunks/`` as soon as it is
+  drawn; a rerun skips the chunks that exist and assembles the same ``samples.npz``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from gmflow_jax import solvers
+from gmflow_jax.multihost import barrier
+from gmflow_jax.sampling import NOISE_KEY, Sampler
+from gmflow_jax.viz import save_grid_png
+
+GRID_CLASSES, GRID_PER_CLASS = 8, 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One solver setting; ``guidance`` values are swept within it."""
+
+    solver: str = "gm-ode"
+    order: int = 2
+    num_steps: int = 8
+    num_substeps: int = 1
+    orthogonal: float | None = None
+    shift: float = 1.0
+
+    def name(self, guidance: float) -> str:
+        return f"{self.solver}{self.order}_{self.num_steps}x{self.num_substeps}_w{guidance:g}"
+
+
+def eval_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+    """(N,) int32: every class equally often (up to one), shuffled by ``seed``; None classes: zeros."""
+    if num_classes == 0:
+        return np.zeros((num_samples,), np.int32)
+    labels = np.tile(np.arange(num_classes, dtype=np.int32), -(-num_samples // num_classes))[:num_samples]
+    return np.random.default_rng(seed).permutation(labels).astype(np.int32)
+
+
+def to_uint8_rgb(x: np.ndarray) -> np.ndarray:
+    """Samples in [-1, 1] (N, H, W, C) -> uint8 (N, H, W, 3) (one channel repeated), rounded and clipped."""
+    x = np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x[..., :3]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The starting noise of samples ``indices`` (B,) -> (B, *shape): a function of (seed, i) only."""
+    k = jax.random.fold_in(key, NOISE_KEY)
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), shape))(indices)
+
+
+def _write_npz(path: str, **arrays: np.ndarray) -> None:
+    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def evaluate_samples(
+    sampler: Sampler,
+    out: str,
+    setting: Setting,
+    guidance: list[float],
+    *,
+    num_samples: int = 50_000,
+    seed: int = 0,
+    chunk_size: int = 256,
+) -> list[dict[str, Any]]:
+    """Draws (or completes) the samples of ``setting`` for every value of ``guidance``; returns one row per
+    value (the setting, the number of network evaluations per sample and the ``samples.npz`` path)."""
+    if num_samples < 1 or chunk_size < 1:
+        raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples} and {chunk_size}.")
+    if not guidance:
+        raise ValueError("guidance must list at least one value.")
+    solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, np.asarray(guidance))
+    labels = eval_labels(num_samples, sampler.num_classes, seed)
+    folders = [os.path.join(out, setting.name(w)) for w in guidance]
+    chunks = -(-num_samples // chunk_size)
+    mine = [c for c in range(jax.process_index(), chunks, jax.process_count())]
+    done = lambda c: all(os.path.exists(_chunk_path(f, c)) for f in folders)  # noqa: E731
+    todo = [c for c in mine if not done(c)]
+    for f in folders:
+        os.makedirs(os.path.join(f, "chunks"), exist_ok=True)
+    t0, drawn = time.time(), 0
+    for c in todo:
+        idx = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_samples))
+        padded = np.arange(c * chunk_size, (c + 1) * chunk_size)  # every call the same shape: one compilation
+        x = sampler.sample(
+            jax.random.fold_in(jax.random.PRNGKey(seed), c),
+            np.resize(labels[idx], chunk_size) if sampler.num_classes else None,
+            None if sampler.num_classes else chunk_size,
+            solver=setting.solver,
+            order=setting.order,
+            num_steps=setting.num_steps,
+            num_substeps=setting.num_substeps,
+            guidance=list(guidance),
+            orthogonal=setting.orthogonal,
+            shift=setting.shift,
+            batch_size=chunk_size,
+            noise=np.asarray(_noise(jax.random.PRNGKey(seed), padded, sampler.data_shape)),
+            progress=False,
+        )[:, : len(idx)]
+        for f, xs in zip(folders, x, strict=True):
+            images = sampler.decode(xs) if sampler.config.model.get("vae", "") else to_uint8_rgb(xs)
+            _write_npz(_chunk_path(f, c), images=images, labels=labels[idx], indices=idx)
+        drawn += len(idx)
+        rate = drawn * len(guidance) / (time.time() - t0)
+        left = sum(min(chunk_size, num_samples - k * chunk_size) for k in todo[todo.index(c) + 1 :])
+        print(
+            f"evaluate {setting.name(guidance[0])}..: chunk {c + 1}/{chunks}, {rate:.1f} samples/s, "
+            f"ETA {left * len(guidance) / rate:.0f} s",
+            flush=True,
+        )
+    barrier("gmflow_evaluate_chunks")
+    rows = []
+    for w, f in zip(guidance, folders, strict=True):
+        path = os.path.join(f, "samples.npz")
+        if jax.process_index() == 0:
+            _assemble(f, chunks, path)
+            _grid(path, sampler.num_classes, os.path.join(f, "grid.png"), f"{setting.name(w)} (step {sampler.step})")
+        guided = w != 0.0
+        rows.append(
+            dict(
+                dataclasses.asdict(setting),
+                guidance=w,
+                num_samples=num_samples,
+                seed=seed,
+                network_evals_per_sample=setting.num_steps * (2 if guided else 1),
+                samples=path,
+            )
+        )
+    barrier("gmflow_evaluate_assembled")
+    return rows
+
+
+def _chunk_path(folder: str, c: int) -> str:
+    return os.path.join(folder, "chunks", f"chunk-{c:06d}.npz")
+
+
+def _assemble(folder: str, chunks: int, path: str) -> None:
+    """``samples.npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3), ``labels``) from the chunks, in order."""
+    images, labels = [], []
+    for c in range(chunks):
+        with np.load(_chunk_path(folder, c)) as f:
+            images.append(f["images"])
+            labels.append(f["labels"])
+    _write_npz(path, arr_0=np.concatenate(images), labels=np.concatenate(labels))
+
+
+def _grid(path: str, num_classes: int, png: str, title: str) -> None:
+    """The first ``GRID_PER_CLASS`` samples of the first ``GRID_CLASSES`` classes (same in every setting)."""
+    with np.load(path) as f:
+        images, labels = f["arr_0"], f["labels"]
+    if num_classes:
+        picked = [np.flatnonzero(labels == k) for k in range(min(GRID_CLASSES, num_classes))]
+        per_class = min(GRID_PER_CLASS, *(len(i) for i in picked))
+        grid, rows = np.concatenate([images[i[:per_class]] for i in picked]), len(picked)
+    else:
+        grid, rows = images[: GRID_PER_CLASS * GRID_CLASSES], GRID_CLASSES
+    if len(grid) >= rows:
+        save_grid_png(grid[: len(grid) // rows * rows].astype(np.float32) / 127.5 - 1.0, png, rows, title)
+
+
+def write_metrics(out: str, rows: list[dict[str, Any]]) -> str:
+    """Merges ``rows`` into ``<out>/metrics.json`` (one row per setting × guidance; a rerun replaces its rows)."""
+    path = os.path.join(out, "metrics.json")
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    keys = {r["samples"] for r in rows}
+    merged = [r for r in old if r.get("samples") not in keys] + rows
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(merged, f, indent=2)
+    os.replace(tmp, path)
+    return path
