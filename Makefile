@@ -19,8 +19,13 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
+DEMO := results/digits_demo
+SWEEP := --num_samples 1800 --num_steps 8 --guidance 0,0.1,0.2,0.3,0.5 --out $(DEMO)/eval
+
 demo: install
-	$(PY) -m gmflow_jax.demo --workdir results/digits_demo
+	$(PY) -m gmflow_jax.demo --workdir $(DEMO)
+	$(PY) -m gmflow_jax.evaluate --workdir $(DEMO) --solver gm-ode $(SWEEP)
+	$(PY) -m gmflow_jax.evaluate --workdir $(DEMO) --solver gm-sde $(SWEEP)
 
 lint: install-test
 	$(VENV)/bin/ruff format --check .

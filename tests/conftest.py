@@ -21,6 +21,9 @@ from pathlib import Path
 # The tests run on the CPU (simulated devices). libtpu, a test dependency for the ahead-of-time TPU
 # compiles, would otherwise make every JAX process probe for a TPU first.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The digits feature network of the evaluation is trained once and cached; the tests (and their subprocesses) keep
+# it out of the user's ~/.cache.
+os.environ.setdefault("GMFLOW_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "gmflow_jax"))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

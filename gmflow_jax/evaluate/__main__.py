@@ -1,11 +1,21 @@
-"""``python -m gmflow_jax.evaluate``: samples a checkpoint for evaluation (see ``gmflow_jax.evaluate``)."""
+"""``python -m gmflow_jax.evaluate``: samples a checkpoint for a guidance sweep and scores the samples.
+
+With ``--inception`` (and ``--ref``), or for a digits run with neither, every setting's row of ``metrics.json`` gets
+``fid``, ``sfid``, ``is`` (``is_std``), ``precision``, ``recall`` and ``saturation``; ``metrics.csv`` and the sweep
+plots are redrawn from all rows of ``--out`` (so runs of several solver settings into one folder share the plots).
+"""
 
 from __future__ import annotations
 
+import os
+
+import jax
 from absl import app, flags
 
 from gmflow_jax import checkpoint, cli, solvers
-from gmflow_jax.evaluate.sampling import Setting, evaluate_samples, write_metrics
+from gmflow_jax.evaluate import plots, scoring
+from gmflow_jax.evaluate.sampling import Setting, evaluate_samples, read_metrics, write_metrics
+from gmflow_jax.multihost import barrier
 from gmflow_jax.sampling import Sampler
 
 FLAGS = flags.FLAGS
@@ -21,8 +31,10 @@ flags.DEFINE_float("orthogonal", None, "Guidance bias projection (default: 1 for
 flags.DEFINE_float("shift", 1.0, "Time-grid shift.")
 flags.DEFINE_integer("seed", 0, "Seed of the labels, the noise and the solver.")
 flags.DEFINE_integer("chunk_size", 256, "Samples per compiled call and per resumable chunk (fixes GM-SDE noise).")
-flags.DEFINE_string("ref", None, "ADM reference batch (.npz) for the metrics.")
+flags.DEFINE_string("ref", None, "Reference: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or one of ours.")
 flags.DEFINE_string("inception", None, "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth).")
+flags.DEFINE_bool("allow_fewer_samples", False, "Score even with fewer samples than the reference's protocol needs.")
+flags.DEFINE_integer("feature_batch", 200, "Images per Inception call (rounded up to a multiple of the devices).")
 cli.define_multihost_flags()
 
 
@@ -31,18 +43,23 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.workdir or not FLAGS.out:
         raise app.UsageError("--workdir and --out are required.")
-    if FLAGS.ref or FLAGS.inception:
-        raise ValueError(
-            "--ref/--inception: the JAX Inception network is not in this version yet; the samples.npz files are "
-            "in the ADM format, so run the ADM evaluator on them."
-        )
     try:
         guidance = [float(v) for v in FLAGS.guidance]
     except ValueError as e:
         raise ValueError(f"--guidance must be numbers separated by commas; got {FLAGS.guidance!r}.") from e
+    setting = Setting(FLAGS.solver, FLAGS.order, FLAGS.num_steps, FLAGS.num_substeps, FLAGS.orthogonal, FLAGS.shift)
+    solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, guidance)
     cli.initialize_multihost()
     sampler = Sampler.from_checkpoint(FLAGS.workdir)
-    setting = Setting(FLAGS.solver, FLAGS.order, FLAGS.num_steps, FLAGS.num_substeps, FLAGS.orthogonal, FLAGS.shift)
+    net, ref = scoring.prepare(
+        sampler,
+        FLAGS.out,
+        FLAGS.ref,
+        FLAGS.inception,
+        FLAGS.num_samples,
+        FLAGS.allow_fewer_samples,
+        FLAGS.feature_batch,
+    )  # every check before the first sample is drawn
     rows = evaluate_samples(
         sampler,
         FLAGS.out,
@@ -52,8 +69,23 @@ def main(argv: list[str]) -> None:
         seed=FLAGS.seed,
         chunk_size=FLAGS.chunk_size,
     )
+    if net is not None:
+        folders = [os.path.dirname(r["samples"]) for r in rows]
+        for folder in folders:
+            scoring.featurise_setting(folder, net)
+        barrier("gmflow_evaluate_features")
+    if jax.process_index() != 0:
+        return
+    for row in rows if net is not None else ():
+        row.update(scoring.score(scoring.setting_features(os.path.dirname(row["samples"]), net), ref))
+        row.update(feature_network=net.name, reference=ref.path)
     path = write_metrics(FLAGS.out, rows)
-    print(f"wrote {len(rows)} setting(s) and {path}", flush=True)
+    every = read_metrics(FLAGS.out)
+    plots.write_csv(every, os.path.join(FLAGS.out, "metrics.csv"))
+    pictures = plots.plot_sweep(every, FLAGS.out)
+    if net is not None:
+        print(plots.table(every), flush=True)
+    print(f"wrote {len(rows)} setting(s), {path}" + (f" and {len(pictures)} plots" if pictures else ""), flush=True)
 
 
 if __name__ == "__main__":

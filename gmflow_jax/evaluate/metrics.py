@@ -315,8 +315,10 @@ def save_reference(
     images=None,
     preprocessing: str,
     dims: tuple[int, int] | None = (POOL_DIM, SPATIAL_DIM),
+    extra: dict[str, np.ndarray] | None = None,
 ) -> None:
-    """Writes a reference batch in the ADM format (readable by ADM's evaluator) plus a ``preprocessing`` string.
+    """Writes a reference batch in the ADM format (readable by ADM's evaluator) plus a ``preprocessing`` string
+    (and the arrays of ``extra``: :mod:`gmflow_jax.evaluate.reference` stores its fields there).
 
     ``preprocessing`` names how the images were made (e.g. 'adm' for ADM's centre crop); statistics computed with
     different preprocessing must never be compared (:func:`check_same_preprocessing`). Writes exactly ``path``.
@@ -330,7 +332,7 @@ def save_reference(
         "sigma_s": np.asarray(sigma_s, np.float64),
     }
     _check_stats(str(path), stats, dims)
-    arrays = dict(stats, preprocessing=np.array(preprocessing))
+    arrays = dict(stats, preprocessing=np.array(preprocessing), **(extra or {}))
     if images is not None:
         images = np.asarray(images)
         _check_images(str(path), images)

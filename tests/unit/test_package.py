@@ -33,7 +33,8 @@ def test_math_core_imports_no_flax_or_orbax():
 def test_importing_the_library_defines_no_flags():
     """Flags live in the ``__main__`` modules only: importing a package (Colab, tests) registers none."""
     code = (
-        "import gmflow_jax.train, gmflow_jax.sampling, gmflow_jax.demo, gmflow_jax.cli, json\n"
+        "import gmflow_jax.train, gmflow_jax.sampling, gmflow_jax.demo, gmflow_jax.cli, gmflow_jax.evaluate.reference\n"
+        "import json\n"
         "from absl import flags\n"
         "print(json.dumps(sorted(flags.FLAGS.flags_by_module_dict())))"
     )
@@ -41,3 +42,14 @@ def test_importing_the_library_defines_no_flags():
     modules = json.loads(out.stdout.strip().splitlines()[-1])
     assert any(m.startswith("absl") for m in modules)  # the check sees flag-defining modules
     assert [m for m in modules if "gmflow_jax" in m] == []
+
+
+def test_evaluation_imports_no_torch_trainer_or_data_module():
+    """torch is a test reference only: the FID Inception reads its weights without it."""
+    modules = imported_after(
+        "import gmflow_jax.evaluate.inception, gmflow_jax.evaluate.reference, gmflow_jax.evaluate.scoring, "
+        "gmflow_jax.evaluate.plots, gmflow_jax.evaluate.torch_weights"
+    )
+    assert "gmflow_jax.evaluate.inception" in modules
+    bad = [m for m in modules if m.split(".")[0] in ("torch", "torchvision", *HEAVY) or m.startswith(TRAINER)]
+    assert bad == [], bad

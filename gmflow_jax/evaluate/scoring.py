@@ -1,0 +1,146 @@
+"""The metrics of a setting's samples against a reference: FID, sFID, IS, Precision/Recall, saturation.
+
+Features are computed per sampling chunk (``<setting>/features/chunk-*.npz``, the chunks of JAX process ``p`` on
+process ``p``, as the sampling) and cached there with the network's name, so a rerun after a kill, or with more
+guidance values, only featurises what is new. Process 0 then scores every setting.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from gmflow_jax.evaluate import metrics
+from gmflow_jax.evaluate.features import FeatureNetwork, cached_features
+from gmflow_jax.evaluate.reference import Reference
+
+METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
+
+
+def _chunk_files(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "chunks", "chunk-*.npz")))
+
+
+def featurise_setting(folder: str, net: FeatureNetwork) -> None:
+    """Caches the features and saturation of this process's share of ``folder``'s sample chunks."""
+    os.makedirs(os.path.join(folder, "features"), exist_ok=True)
+    chunks = _chunk_files(folder)
+    for i in range(jax.process_index(), len(chunks), jax.process_count()):
+        path = os.path.join(folder, "features", os.path.basename(chunks[i]))
+
+        def images(chunk: str = chunks[i]) -> np.ndarray:
+            with np.load(chunk) as f:
+                return f["images"]
+
+        cached_features(net, images, path, where=chunks[i])
+
+
+def setting_features(folder: str, net: FeatureNetwork) -> dict[str, np.ndarray]:
+    """All features of ``folder`` in sample order (after :func:`featurise_setting` on every process)."""
+    parts = []
+    for chunk in _chunk_files(folder):
+        with np.load(os.path.join(folder, "features", os.path.basename(chunk)), allow_pickle=False) as f:
+            if str(f["feature_network"][()]) != net.name:
+                raise ValueError(f"{folder}: features of {chunk} were made by {f['feature_network']}, not {net.name}")
+            parts.append({k: f[k] for k in f.files if k != "feature_network"})
+    return {k: np.concatenate([np.atleast_1d(p[k]) for p in parts]) for k in parts[0]}
+
+
+def score(feats: dict[str, np.ndarray], ref: Reference) -> dict[str, Any]:
+    """The metric keys (:data:`METRIC_KEYS`) of one setting's features against ``ref``; sFID is None without
+    spatial features; saturation is the samples' mean HSV saturation minus the reference's."""
+    mu, sigma = metrics.feature_statistics(feats["pool"])
+    out: dict[str, Any] = {"fid": metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma), "sfid": None}
+    if "spatial" in feats and ref.mu_s.size:
+        mu_s, sigma_s = metrics.feature_statistics(feats["spatial"])
+        out["sfid"] = metrics.frechet_distance(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
+    out["is"], out["is_std"] = metrics.inception_score(feats["logits"], splits=min(10, len(feats["logits"])))
+    out["precision"], out["recall"] = metrics.precision_recall(ref.pool, feats["pool"], k=3)
+    counts = feats["count"].astype(np.float64)
+    out["saturation"] = float(np.sum(feats["saturation"] * counts) / np.sum(counts)) - ref.saturation
+    return {k: (None if v is None else float(v)) for k, v in out.items()}
+
+
+def samples_preprocessing(config: Any) -> str:
+    """How the training images of a run were prepared, which its samples imitate: 'adm' (ImageNet latents of ADM
+    centre crops), 'digits', or the dataset's name."""
+    dataset = str(config.data.dataset)
+    return {"imagenet_latents": "adm"}.get(dataset, dataset)
+
+
+def feature_network(inception: str | None, config: Any, batch_size: int) -> FeatureNetwork | None:
+    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for digits runs;
+    else None (samples only)."""
+    if inception:
+        from gmflow_jax.evaluate.features import ShardedNetwork
+        from gmflow_jax.evaluate.inception import InceptionV3
+
+        return ShardedNetwork(InceptionV3.from_pytorch_fid(inception), batch_size)
+    if samples_preprocessing(config) == "digits":
+        from gmflow_jax.evaluate.digits_net import load_digits_net
+
+        return load_digits_net()
+    return None
+
+
+def reference_for(ref: str | None, net: FeatureNetwork, config: Any, out: str) -> Reference:
+    """``ref`` loaded (an ADM batch or ours); for digits runs without one, the real digits' (built once in ``out``)."""
+    from gmflow_jax.evaluate import reference
+
+    if ref:
+        return reference.load_reference(ref, net, out)
+    if samples_preprocessing(config) != "digits":
+        raise ValueError("--ref is needed with --inception: the ADM reference batch or one made by "
+                         "python -m gmflow_jax.evaluate.reference")  # fmt: skip
+    path = os.path.join(out, "reference_digits.npz")
+    if jax.process_index() == 0 and not _is_reference_of(path, net):
+        os.makedirs(out, exist_ok=True)
+        shape, batches, prep = reference.image_source("digits", 8)
+        reference.save(reference.build_reference(net, shape, batches, preprocessing=prep), path)
+    from gmflow_jax.multihost import barrier
+
+    barrier("gmflow_evaluate_reference")
+    return reference.load_reference(path, net, out)
+
+
+def _is_reference_of(path: str, net: FeatureNetwork) -> bool:
+    if not os.path.exists(path):
+        return False
+    with np.load(path, allow_pickle=False) as f:
+        return "feature_network" in f.files and str(f["feature_network"][()]) == net.name
+
+
+def prepare(
+    sampler: Any,
+    out: str,
+    ref_path: str | None,
+    inception: str | None,
+    num_samples: int,
+    allow_fewer: bool,
+    feature_batch: int,
+) -> tuple[FeatureNetwork | None, Reference | None]:
+    """(feature network, reference) for scoring ``sampler``'s samples, or (None, None) for samples only; every
+    mismatch a ValueError naming both sides. Too few samples for the reference's protocol: an error with ``--ref``,
+    a note (samples only) for the digits default."""
+    net = feature_network(inception, sampler.config, feature_batch)
+    if net is None:
+        if ref_path:
+            raise ValueError("--ref needs --inception FILE: the samples' features come from the FID Inception")
+        return None, None
+    ref = reference_for(ref_path, net, sampler.config, out)
+    factor = sampler.vae.config.downsample_factor if sampler.config.model.get("vae", "") else 1
+    ref.check_compatible(net, samples_preprocessing(sampler.config), tuple(d * factor for d in sampler.data_shape[:2]))
+    if num_samples < ref.min_samples and not allow_fewer:
+        why = (
+            f"--num_samples={num_samples} is fewer than the {ref.min_samples} samples the reference's protocol needs "
+            "(metrics from fewer samples are biased: FID rises); add --allow_fewer_samples"
+        )
+        if ref_path:
+            raise ValueError(why)
+        print(f"note: no metrics: {why}", flush=True)
+        return None, None
+    return net, ref
