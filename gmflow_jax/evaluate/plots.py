@@ -68,7 +68,7 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: str, title: str = "") -> lis
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
-        ax.set_title(title or os.path.basename(os.path.abspath(out)), fontsize=10)
+        ax.set_title(title or _title(rows), fontsize=10)
         fig.tight_layout()
         path = os.path.join(out, name)
         fig.savefig(path + ".tmp.png", dpi=100)
@@ -76,6 +76,13 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: str, title: str = "") -> lis
         os.replace(path + ".tmp.png", path)
         paths.append(path)
     return paths
+
+
+def _title(rows: Sequence[dict[str, Any]]) -> str:
+    """'1800 samples per point, digits-cnn-… features' from the scored rows."""
+    scored = [r for r in rows if r.get("fid") is not None]
+    sizes = sorted({r["num_samples"] for r in scored})
+    return f"{'/'.join(map(str, sizes))} samples per point, {scored[0].get('feature_network', '?')} features"
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
