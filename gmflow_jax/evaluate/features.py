@@ -115,6 +115,13 @@ def features_of_batches(
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
 
 
+def npz_features(net: FeatureNetwork, path: str, batch: int = 1000) -> dict[str, np.ndarray]:
+    """The features of an ADM-format sample file (uint8 ``arr_0`` (N, H, W, 3)), read ``batch`` images at a time."""
+    shape, batches = npz_array_batches(path, "arr_0", batch)
+    check_resolution(net, shape, path)
+    return features_of_batches(net, batches, shape[0], f"features of {os.path.basename(path)}")
+
+
 def cached_features(
     net: FeatureNetwork, images: Callable[[], np.ndarray], path: str, where: str
 ) -> dict[str, np.ndarray]:

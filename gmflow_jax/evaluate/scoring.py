@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from typing import Any
 
 import jax
@@ -26,17 +27,26 @@ def _chunk_files(folder: str) -> list[str]:
 
 
 def featurise_setting(folder: str, net: FeatureNetwork) -> None:
-    """Caches the features and saturation of this process's share of ``folder``'s sample chunks."""
+    """Caches the features and saturation of this process's share of ``folder``'s sample chunks, printing
+    images/s and ETA."""
     os.makedirs(os.path.join(folder, "features"), exist_ok=True)
     chunks = _chunk_files(folder)
-    for i in range(jax.process_index(), len(chunks), jax.process_count()):
+    mine = list(range(jax.process_index(), len(chunks), jax.process_count()))
+    t0, done = time.time(), 0
+    for n, i in enumerate(mine):
         path = os.path.join(folder, "features", os.path.basename(chunks[i]))
 
         def images(chunk: str = chunks[i]) -> np.ndarray:
             with np.load(chunk) as f:
                 return f["images"]
 
-        cached_features(net, images, path, where=chunks[i])
+        done += int(cached_features(net, images, path, where=chunks[i])["count"])
+        rate = done / max(time.time() - t0, 1e-9)
+        print(
+            f"features {os.path.basename(folder)}: chunk {n + 1}/{len(mine)}, {rate:.1f} images/s, "
+            f"ETA {(len(mine) - n - 1) * done / (n + 1) / rate:.0f} s",
+            flush=True,
+        )
 
 
 def setting_features(folder: str, net: FeatureNetwork) -> dict[str, np.ndarray]:
