@@ -110,8 +110,7 @@ def stage_sampler(config_name: str, batch: int, repeats: int) -> dict:
 
     config = load_config(config_name)
     config.model.vae = ""
-    config.model.remat = False  # a forward pass has nothing to rematerialise
-    graphdef, params = split_params(build_model(config.model, nnx.Rngs(0)))
+    graphdef, params = split_params(build_model(config.model, nnx.Rngs(0), remat=False))  # as Sampler builds it
     sampler = Sampler(graphdef, nnx.to_pure_dict(params), config)  # as from_checkpoint: a pure dict
     labels = np.arange(batch, dtype=np.int32) % max(sampler.num_classes, 1)
     kw = dict(solver="gm-ode", order=2, num_steps=8, num_substeps=16, guidance=0.1, batch_size=batch, progress=False)
