@@ -1,18 +1,10 @@
 """The JAX FID Inception against pytorch-fid's own ``InceptionV3`` (unmodified), with random weights in a ``.pth`` file.
 
-The reference stack: the test requirements keep ``torch==2.13.0`` (the CPU build on this machine's disk, small and
-quick to install) with ``torchvision==0.28.0`` and ``pytorch-fid==0.3.0`` from the registry. That torchvision wheel is
-a CUDA build whose import stops in ``torchvision._meta_registrations``, which registers fake (meta) kernels for its
-C ops (``nms``, ``roi_align``, ...) that the CPU torch does not have. The Inception never calls those ops, so the test
-puts an empty module in that one submodule's place before importing torchvision; every line of torchvision's and
-pytorch-fid's network code runs unchanged. (The other way out, torch 2.14.1 + torchvision 0.29.1, costs 5.5 GB and
-a minute of every fresh ``make test``.)
+The reference stack is torch 2.13.0 (CPU) + torchvision 0.28.0 + pytorch-fid 0.3.0; ``tests/conftest.py`` says why
+and how torchvision imports there (one submodule of fake-kernel registrations stood in for, no network code).
 """
 
 from __future__ import annotations
-
-import sys
-import types
 
 import jax
 import numpy as np
@@ -24,11 +16,10 @@ torch = pytest.importorskip("torch")
 
 
 def _import_pytorch_fid():
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    import pytorch_fid.inception
+    fid = pytest.importorskip("pytorch_fid.inception")
     import torchvision
 
-    return pytorch_fid.inception, torchvision
+    return fid, torchvision
 
 
 def _random_state_dict(torchvision, seed: int = 0) -> dict:
