@@ -6,9 +6,10 @@
 A reference holds what the metrics compare samples against: the Gaussian statistics of the real ``pool`` features
 (FID) and ``spatial`` features (sFID), the real ``pool`` features themselves (Precision/Recall), the mean HSV
 saturation of the real images, and how they were made: ``preprocessing`` (``'adm'``: the ADM centre crop;
-``'digits'``: scikit-learn's digits as the trainer sees them), ``feature_network`` (the network's name, with a hash
-of its weights), ``resolution`` and ``min_samples`` (the number of samples a faithful comparison needs: 50,000 for
-the ADM batch, as the paper's protocol). Files are the ADM format plus those fields, so ADM's evaluator reads ours.
+``'digits'``: scikit-learn's digits as the trainer sees them), ``feature_network`` (the network's name: the
+Inception's weights file, the digits network's parameter hash), ``resolution`` and ``min_samples`` (the number of
+samples a faithful comparison needs: 50,000 for the ADM batch, as the paper's protocol).
+Files are the ADM format plus those fields, so ADM's evaluator reads ours.
 
 :func:`load_reference` reads either kind; an ADM batch has only statistics and images, so its ``pool`` features and
 saturation are computed here from its ``arr_0`` (with the FID Inception) and cached beside the evaluation's output.
@@ -226,8 +227,7 @@ def image_source(images: str, resolution: int) -> tuple[tuple[int, ...], Iterato
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from gmflow_jax.evaluate.features import ShardedNetwork
-    from gmflow_jax.evaluate.inception import InceptionV3
+    from gmflow_jax.evaluate.scoring import feature_network
 
     f = flags.FLAGS
     if len(argv) > 1:
@@ -237,15 +237,11 @@ def main(argv: list[str]) -> None:
     if not f.out.endswith(".npz"):
         raise ValueError(f"--out must name an .npz file; got {f.out!r}")
     shape, batches, preprocessing = image_source(f.images, f.resolution)
-    if f.inception:
-        net = ShardedNetwork(InceptionV3.from_pytorch_fid(f.inception), f.feature_batch)
-    elif f.images == "digits":
-        from gmflow_jax.evaluate.digits_net import load_digits_net
-
-        net = load_digits_net()
-    else:
-        raise ValueError("--inception FILE is needed for images other than 'digits'")
-    ref = build_reference(net, shape, batches, preprocessing=f.preprocessing or preprocessing)
+    preprocessing = f.preprocessing or preprocessing
+    net = feature_network(f.inception, preprocessing, f.feature_batch)
+    if net is None:
+        raise ValueError("--inception FILE is needed for images other than the digits")
+    ref = build_reference(net, shape, batches, preprocessing=preprocessing)
     save(ref, f.out)
     print(
         f"wrote {f.out}: {shape[0]} images {ref.resolution[0]}×{ref.resolution[1]}, preprocessing "

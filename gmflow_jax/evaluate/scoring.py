@@ -41,10 +41,10 @@ def featurise_setting(folder: str, net: FeatureNetwork) -> None:
                 return f["images"]
 
         done += int(cached_features(net, images, path, where=chunks[i])["count"])
-        rate = done / max(time.time() - t0, 1e-9)
+        elapsed = max(time.time() - t0, 1e-9)
         print(
-            f"features {os.path.basename(folder)}: chunk {n + 1}/{len(mine)}, {rate:.1f} images/s, "
-            f"ETA {(len(mine) - n - 1) * done / (n + 1) / rate:.0f} s",
+            f"features {os.path.basename(folder)}: chunk {n + 1}/{len(mine)}, {done / elapsed:.1f} images/s, "
+            f"ETA {(len(mine) - n - 1) * elapsed / (n + 1):.0f} s",
             flush=True,
         )
 
@@ -82,15 +82,15 @@ def samples_preprocessing(config: Any) -> str:
     return {"imagenet_latents": "adm"}.get(dataset, dataset)
 
 
-def feature_network(inception: str | None, config: Any, batch_size: int) -> FeatureNetwork | None:
-    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for digits runs;
-    else None (samples only)."""
+def feature_network(inception: str | None, preprocessing: str, batch_size: int) -> FeatureNetwork | None:
+    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for images with
+    preprocessing 'digits'; else None (samples only)."""
     if inception:
         from gmflow_jax.evaluate.features import ShardedNetwork
         from gmflow_jax.evaluate.inception import InceptionV3
 
         return ShardedNetwork(InceptionV3.from_pytorch_fid(inception), batch_size)
-    if samples_preprocessing(config) == "digits":
+    if preprocessing == "digits":
         from gmflow_jax.evaluate.digits_net import load_digits_net
 
         return load_digits_net()
@@ -136,7 +136,7 @@ def prepare(
     """(feature network, reference) for scoring ``sampler``'s samples, or (None, None) for samples only; every
     mismatch a ValueError naming both sides. Too few samples for the reference's protocol: an error with ``--ref``,
     a note (samples only) for the digits default."""
-    net = feature_network(inception, sampler.config, feature_batch)
+    net = feature_network(inception, samples_preprocessing(sampler.config), feature_batch)
     if net is None:
         if ref_path:
             raise ValueError("--ref needs --inception FILE: the samples' features come from the FID Inception")
