@@ -27,7 +27,8 @@ file starts from ``base_config()`` and changes values. Fields:
   from step ``clip_start`` on.
 * ``ema``: ``max_nimg``, ``ratio`` (method.md §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
 * ``checkpoint``: ``every_steps``, ``keep``, ``async_save``, ``preemption_check_every``
-  (multi-process runs agree on a stop signal every that many steps).
+  (multi-process runs agree on a stop signal every that many steps), ``lock_lease_seconds`` (the
+  workdir lock's lease: a lock from another host not renewed for that long is taken over).
 * ``log``: ``every_steps`` (scalars), ``progress_every_steps``, ``sample_every_steps`` (0: off),
   ``sample_steps`` / ``sample_order`` (GM-ODE), ``sample_classes`` × ``sample_per_class`` images
   or ``sample_points`` 2-D points; ``profile_first_step`` (0: off) starts a ``jax.profiler`` trace
@@ -132,7 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.ema = ml_collections.ConfigDict(dict(max_nimg=30e6, ratio=0.05))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3, async_save=True, preemption_check_every=10))
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(every_steps=500, keep=3, async_save=True, preemption_check_every=10, lock_lease_seconds=600.0)
+    )
     c.log = ml_collections.ConfigDict(
         dict(
             every_steps=50,
@@ -397,6 +400,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _int(c, "checkpoint.keep", 1)
     _need(isinstance(c.checkpoint.async_save, bool), "checkpoint.async_save", "a bool", c.checkpoint.async_save)
     _int(c, "checkpoint.preemption_check_every", 1)
+    _num(c, "checkpoint.lock_lease_seconds", 0.0, lo_open=True)
     for f in ("every_steps", "progress_every_steps"):
         _int(c, f"log.{f}", 1)
     _int(c, "log.sample_every_steps", 0)

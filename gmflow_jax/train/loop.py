@@ -152,7 +152,7 @@ def train(
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
     check_data(config, source, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _hold_workdir(workdir):
+    with _hold_workdir(workdir, config.checkpoint.lock_lease_seconds):
         if restart_from_scratch and jax.process_index() == 0:
             moved = ckpt_lib.set_aside(workdir, keep=(LOCK_FILE,))
             if moved:
@@ -188,11 +188,11 @@ def train(
 
 
 @contextlib.contextmanager
-def _hold_workdir(workdir: epath.Path) -> Iterator[None]:
+def _hold_workdir(workdir: epath.Path, lease_s: float) -> Iterator[None]:
     """The workdir lock, held by process 0 for all processes (they all stop if it is taken)."""
     lock, error = None, None
     if jax.process_index() == 0:
-        lock = WorkdirLock(workdir)
+        lock = WorkdirLock(workdir, lease_s)
         try:
             lock.acquire()
         except WorkdirLockedError as e:

@@ -172,18 +172,26 @@ def test_checkpoints_on_an_object_store(gcs, tmp_path):
 def test_lock_on_an_object_store(gcs, monkeypatch):
     monkeypatch.setattr(lock_lib, "SETTLE_S", 0.0)
     path = epath.Path(gcs) / LOCK_FILE
-    with WorkdirLock(gcs) as held:
-        assert json.loads(path.read_text()) == held.info
+    with WorkdirLock(gcs, 0.4) as held:
+        assert json.loads(path.read_text())["token"] == held.info["token"]
         with pytest.raises(WorkdirLockedError, match=rf"in use by pid {os.getpid()} .*{LOCK_FILE}"):
-            WorkdirLock(gcs).acquire()
+            WorkdirLock(gcs, 0.4).acquire()  # watched, and renewed by the holder meanwhile
+        assert json.loads(path.read_text())["beat"] >= 1
     assert not path.exists()  # released
+    path.write_text(json.dumps({"host": "pod-7", "pid": 7, "started": "earlier", "lease_s": 0.3}))
+    with WorkdirLock(gcs, 600):  # a lock left by a killed pod job, not renewed: taken over after its lease
+        assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
 def test_lock_race_on_an_object_store_is_lost_to_the_last_writer(gcs, monkeypatch):
-    other = {"host": "pod-7", "pid": 7, "started": "now"}
+    other = {"host": "pod-7", "pid": 7, "started": "now", "lease_s": 60, "beat": 0}
     path = epath.Path(gcs) / LOCK_FILE
-    # another trainer found no lock either and its write lands while this one waits to read its own back
-    monkeypatch.setattr(lock_lib.time, "sleep", lambda _: path.write_text(json.dumps(other)))
+
+    def winner_writes(_):  # the other trainer found no lock either; its writes land while this one waits
+        other["beat"] += 1
+        path.write_text(json.dumps(other))
+
+    monkeypatch.setattr(lock_lib.time, "sleep", winner_writes)
     with pytest.raises(WorkdirLockedError, match="in use by pid 7 on pod-7"):
         WorkdirLock(gcs).acquire()
     assert json.loads(path.read_text()) == other  # the winner's lock stays
