@@ -20,8 +20,6 @@ diffusers folder with ``config.json`` and ``diffusion_pytorch_model.safetensors`
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from typing import Any
 
 import jax
@@ -53,21 +51,22 @@ FIXED_FIELDS = {
 
 
 def find_parts(src: str) -> dict[str, str]:
-    """``{'transformer'|'spectrum'|'vae': folder}`` recognised by their config fields."""
-    if not os.path.isdir(src):
+    """``{'transformer'|'spectrum'|'vae': folder}`` recognised by their config fields (local, ``file://`` or
+    ``gs://``)."""
+    root = ckpt_lib.workdir_path(src)
+    if not root.is_dir():
         raise ValueError(f"--from {src!r} is not a folder; expected a published GMFlow pipeline folder.")
     parts: dict[str, str] = {}
-    for name in sorted(os.listdir(src)):
-        config = os.path.join(src, name, "config.json")
-        if not os.path.isfile(config):
+    for name in sorted(p.name for p in root.iterdir()):
+        config = root / name / "config.json"
+        if not config.is_file():
             continue
-        with open(config) as f:
-            keys = set(json.load(f))
+        keys = set(json.loads(config.read_text()))
         for part, fields in (("transformer", TRANSFORMER_FIELDS), ("spectrum", SPECTRUM_FIELDS), ("vae", VAE_FIELDS)):
             if fields <= keys:
                 if part in parts:
                     raise ValueError(f"{src} has two {part} folders: {parts[part]} and {name}.")
-                parts[part] = os.path.join(src, name)
+                parts[part] = str(root / name)
     if "transformer" not in parts:
         raise ValueError(
             f"{src} has no GM-DiT transformer folder (a subfolder whose config.json has {sorted(TRANSFORMER_FIELDS)}); "
@@ -114,8 +113,8 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None) -> str
     from gmflow_jax.train.config import write_config
 
     parts = find_parts(src)
-    workdir = os.path.abspath(workdir)
-    if ckpt_lib.list_steps(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)):
+    workdir = ckpt_lib.workdir_path(workdir)
+    if ckpt_lib.list_steps(workdir / ckpt_lib.CHECKPOINT_DIR):
         raise ValueError(f"--workdir {workdir} already holds checkpoints; expected a new or empty folder.")
     t_config, t_state = read_diffusers_folder(parts["transformer"])
     s_config, s_state = read_diffusers_folder(parts["spectrum"]) if "spectrum" in parts else (None, None)
@@ -132,18 +131,25 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None) -> str
         pure["spectrum"] = convert_spectrum_state_dict(s_state, abstract.spectrum)
     target = nnx.to_pure_dict(params)
     pure = jax.tree.map(lambda ref, v: jnp.asarray(v, ref.dtype), target, pure)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     if "vae" in parts:
-        dest = os.path.join(workdir, "vae")
-        os.makedirs(dest, exist_ok=True)
-        for path in (os.path.join(parts["vae"], "config.json"), weights_file(parts["vae"])):
-            shutil.copy2(path, dest)
+        dest = workdir / "vae"
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in (
+            ckpt_lib.workdir_path(parts["vae"]) / "config.json",
+            ckpt_lib.workdir_path(weights_file(parts["vae"])),
+        ):
+            ckpt_lib.copy_file(path, dest / path.name)
     writer = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
     try:
         state = {"step": jnp.zeros([], jnp.int32), "params": pure, "ema": pure}
-        meta = {"step": 0, "config": json.loads(config.to_json_best_effort()), "converted_from": os.path.abspath(src)}
+        meta = {
+            "step": 0,
+            "config": json.loads(config.to_json_best_effort()),
+            "converted_from": str(ckpt_lib.workdir_path(src)),
+        }
         writer.save(0, state, None, meta)
     finally:
         writer.close()
     write_config(config, workdir)
-    return os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR, "0")
+    return str(workdir / ckpt_lib.CHECKPOINT_DIR / "0")

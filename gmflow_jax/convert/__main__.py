@@ -8,8 +8,8 @@ from gmflow_jax import checkpoint, cli
 from gmflow_jax.convert import convert_pipeline
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("from", None, "Published GMFlow pipeline folder (model_index.json, transformer/, vae/, ...).")
-flags.DEFINE_string("workdir", None, "Output workdir (new or empty).")
+flags.DEFINE_string("from", None, "Published GMFlow pipeline folder, local or gs:// (transformer/, vae/, ...).")
+flags.DEFINE_string("workdir", None, "Output workdir, local or gs:// (new or empty).")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype in the written config (default: recipe's).")
 
 

@@ -29,11 +29,14 @@ import dataclasses
 import io
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path
 
 CHECKERBOARD_SIZE = 1 << 20
 CHECKERBOARD_SEED = 0
@@ -165,18 +168,68 @@ BUILDERS: dict[str, type[_LocalBuilder]] = {"digits": Digits, "checkerboard": Ch
 KNOWN_DATASETS: tuple[str, ...] = ("checkerboard", "checkerboard/1m", "checkerboard/64k", "digits", "imagenet_latents")
 
 
+def default_cache_dir() -> str:
+    """``$GMFLOW_JAX_CACHE`` if set, else ``~/.cache/gmflow_jax``."""
+    return os.environ.get("GMFLOW_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmflow_jax")
+
+
+def sync_folder(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ("dataset_info.json",)) -> int:
+    """Copies the files of folder ``src`` that are missing in ``dst`` or differ in size (local, ``file://`` or
+    ``gs://``, either way), those named in ``last`` after all others (TFDS takes a dataset for complete once its
+    ``dataset_info.json`` is there, so a copy cut short is never read as a dataset); logs GB/s and ETA; returns
+    the bytes copied. A rerun after a kill copies only what is missing."""
+    sizes = file_sizes(src)
+    have = file_sizes(dst) if workdir_path(dst).exists() else {}
+    todo = sorted((r for r, n in sizes.items() if have.get(r) != n), key=lambda r: (os.path.basename(r) in last, r))
+    total, done, t0, last = sum(sizes[r] for r in todo), 0, time.monotonic(), 0.0
+    for n, rel in enumerate(todo):
+        (workdir_path(dst) / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy_file(workdir_path(src) / rel, workdir_path(dst) / rel)
+        done += sizes[rel]
+        elapsed = time.monotonic() - t0
+        if elapsed - last > 30 or n + 1 == len(todo):
+            last, rate = elapsed, done / max(elapsed, 1e-9)
+            log.info("copying %s to %s: %d/%d files, %.2f/%.2f GB, %.0f MB/s, ETA %.0f s", src, dst, n + 1,
+                     len(todo), done / 1e9, total / 1e9, rate / 1e6, (total - done) / max(rate, 1.0))  # fmt: skip
+    return total
+
+
+def local_data_dir(data_dir: str | os.PathLike) -> str:
+    """``data_dir`` itself when local; for an object store, the local folder its datasets are copied to."""
+    if not is_url(data_dir):
+        return os.fspath(data_dir)
+    return os.path.join(default_cache_dir(), "datasets", os.fspath(workdir_path(data_dir)).split("://", 1)[1])
+
+
+def stage(dataset: str, data_dir: str | os.PathLike) -> str:
+    """The local data dir holding a copy of ``<data_dir>/<dataset>`` from an object store (array_record reads local
+    files only): ``<cache>/datasets/<bucket>/<path>`` (``default_cache_dir``), brought up to date file by file."""
+    url, local = workdir_path(data_dir), local_data_dir(data_dir)
+    if (url / dataset).exists():
+        copied = sync_folder(url / dataset, os.path.join(local, dataset))
+        log.info("dataset %s from %s is in %s (%.2f GB copied now)", dataset, url, local, copied / 1e9)
+    return local
+
+
 def get_builder(name: str, data_dir: str | os.PathLike) -> tfds.core.GeneratorBasedBuilder:
     """The array_record builder for ``name`` (``'dataset'`` or ``'dataset/config'``) at ``data_dir``.
 
     The dataset is built there on first use (``<data_dir>/<dataset>[/<config>]/<version>``) and
     reused afterwards, except ``imagenet_latents`` (built by ``gmflow_jax.data.build_imagenet``).
-    Raises ``ValueError`` for unknown names, a missing ``data_dir`` or an unbuilt ``imagenet_latents``.
+    A ``gs://`` ``data_dir`` is read through a local copy (``stage``). Raises ``ValueError`` for unknown names,
+    a missing ``data_dir`` or an unbuilt ``imagenet_latents``.
     """
     if not isinstance(name, str) or name not in KNOWN_DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(KNOWN_DATASETS)}")
     if data_dir is None or not os.fspath(data_dir):
         raise ValueError(f"dataset {name!r} needs a data_dir to build into and read from, got {data_dir!r}")
     dataset, _, config = name.partition("/")
+    if is_url(data_dir):
+        if dataset == "imagenet_latents" and not (workdir_path(data_dir) / dataset).exists():
+            from gmflow_jax.data import imagenet
+
+            raise ValueError(f"dataset {name!r} is not built in {data_dir}; build it with: {imagenet.BUILD_COMMAND}")
+        data_dir = stage(dataset, data_dir)
     if dataset == "imagenet_latents":
         from gmflow_jax.data import imagenet
 

@@ -29,6 +29,7 @@ Building (``build``; ``python -m gmflow_jax.data.build_imagenet``) has two steps
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -36,8 +37,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -45,7 +46,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from gmflow_jax.data.builders import _LocalBuilder, _quiet
+from gmflow_jax.checkpoint import is_url, workdir_path, write_atomic
+from gmflow_jax.data.builders import _LocalBuilder, _quiet, sync_folder
 
 NAME = "imagenet_latents"
 DATASET_VERSION = "1.0.0"
@@ -109,7 +111,7 @@ class ImageRef:
     size: int = -1  # -1: the whole file
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
+        with workdir_path(self.path).open("rb") as f:
             f.seek(self.offset)
             return f.read(self.size)
 
@@ -128,26 +130,33 @@ def list_images(source: str | os.PathLike) -> tuple[list[str], list[ImageRef]]:
     """Sorted synsets and the images of an ImageNet train set, in dataset order (synset, then file name).
 
     ``source``: the ``ILSVRC2012_img_train`` folder of synset folders (``n01440764/*.JPEG``), a folder of
-    per-synset tars (``n01440764.tar``) or the official ``ILSVRC2012_img_train.tar`` (a tar of those).
-    ``ValueError`` if it does not exist or holds neither.
+    per-synset tars (``n01440764.tar``) or the official ``ILSVRC2012_img_train.tar`` (a tar of those); local,
+    ``file://`` or ``gs://`` (read in place: tars by their members' offsets). ``ValueError`` if it does not
+    exist or holds neither.
     """
-    path = os.path.abspath(os.fspath(source))
+    root = workdir_path(source)
+    path = str(root)
     tars: dict[str, list[tuple[str, int, int]]] = {}
     files: dict[str, list[str]] = {}
-    if os.path.isfile(path):
-        if not tarfile.is_tarfile(path):
-            raise ValueError(f"--source {path} is a file but not a tar; expected ILSVRC2012_img_train.tar or a folder.")
-        with tarfile.open(path, mode="r:") as outer:
-            for m in outer:
-                match = SYNSET_TAR.match(os.path.basename(m.name))
-                if m.isfile() and match:
-                    tars[match.group(1)] = _tar_members(path, m.offset_data, outer.extractfile(m))
-    elif os.path.isdir(path):
-        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+    if root.is_file():
+        with root.open("rb") as f:
+            if not tarfile.is_tarfile(f):
+                raise ValueError(
+                    f"--source {path} is a file but not a tar; expected ILSVRC2012_img_train.tar or a folder."
+                )
+            f.seek(0)
+            with tarfile.open(fileobj=f, mode="r:") as outer:
+                for m in outer:
+                    match = SYNSET_TAR.match(os.path.basename(m.name))
+                    if m.isfile() and match:
+                        tars[match.group(1)] = _tar_members(path, m.offset_data, outer.extractfile(m))
+    elif root.is_dir():
+        for entry in sorted(root.iterdir(), key=lambda e: e.name):
             if SYNSET.match(entry.name) and entry.is_dir():
-                files[entry.name] = sorted(n for n in os.listdir(entry.path) if not n.startswith("."))
+                files[entry.name] = sorted(p.name for p in entry.iterdir() if not p.name.startswith("."))
             elif SYNSET_TAR.match(entry.name) and entry.is_file():
-                tars[entry.name[:-4]] = _tar_members(entry.path, 0)
+                with entry.open("rb") as f:
+                    tars[entry.name[:-4]] = _tar_members(str(entry), 0, f)
     else:
         raise ValueError(f"--source {path} does not exist; expected the ImageNet train folder or tar.")
     if files and tars:
@@ -161,10 +170,9 @@ def list_images(source: str | os.PathLike) -> tuple[list[str], list[ImageRef]]:
     refs: list[ImageRef] = []
     for label, synset in enumerate(synsets):
         if files:
-            folder = os.path.join(path, synset)
-            refs += [ImageRef(label, f"{synset}/{n}", os.path.join(folder, n)) for n in files[synset]]
+            refs += [ImageRef(label, f"{synset}/{n}", str(root / synset / n)) for n in files[synset]]
         else:
-            container = path if os.path.isfile(path) else os.path.join(path, f"{synset}.tar")
+            container = path if not files and root.is_file() else str(root / f"{synset}.tar")
             refs += [ImageRef(label, f"{synset}/{n}", container, o, s) for n, o, s in sorted(tars[synset])]
     return synsets, refs
 
@@ -177,7 +185,7 @@ def vae_fingerprint(folder: str | os.PathLike) -> str:
     from gmflow_jax.models.convert import weights_file
 
     digest = hashlib.sha256()
-    with open(weights_file(folder), "rb") as f:
+    with workdir_path(weights_file(folder)).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -187,14 +195,13 @@ def vae_config_dict(folder: str | os.PathLike) -> dict[str, Any]:
     """``VAEConfig.to_dict()`` of a diffusers VAE folder's ``config.json``; ``ValueError`` if it is not one."""
     from gmflow_jax.models import vae as vae_lib
 
-    path = os.path.join(os.fspath(folder), "config.json")
-    if not os.path.isfile(path):
+    path = workdir_path(folder) / "config.json"
+    if not path.is_file():
         raise ValueError(
             f"VAE folder {os.fspath(folder)!r} has no config.json; expected a diffusers AutoencoderKL folder."
         )
     try:
-        with open(path) as f:
-            return vae_lib.VAEConfig.from_dict(json.load(f)).to_dict()
+        return vae_lib.VAEConfig.from_dict(json.loads(path.read_text())).to_dict()
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"VAE config {path} is not a valid AutoencoderKL config: {e}") from None
 
@@ -251,7 +258,7 @@ class BuildPlan:
 
     @property
     def shard_dir(self) -> str:
-        return os.path.join(self.data_dir, f"{NAME}.build")
+        return str(workdir_path(self.data_dir) / f"{NAME}.build")
 
     @property
     def num_shards(self) -> int:
@@ -264,7 +271,7 @@ class BuildPlan:
         return (side, side, int(self.vae_config["latent_channels"]))
 
     def shard_path(self, shard: int) -> str:
-        return os.path.join(self.shard_dir, f"shard-{shard:05d}.npy")
+        return str(workdir_path(self.shard_dir) / f"shard-{shard:05d}.npy")
 
     def manifest(self) -> dict[str, Any]:
         """The settings that determine the shards' bytes (a resume must match them)."""
@@ -328,8 +335,7 @@ class ImagenetLatents(_LocalBuilder):
 
     def _generate_examples(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for shard in range(self._plan.num_shards):
-            records = np.load(self._plan.shard_path(shard), mmap_mode="r")
-            for r in records:
+            for r in _read_shard(self._plan.shard_path(shard)):
                 yield int(r["index"]), {"latent": np.asarray(r["latent"]), "label": int(r["label"])}
 
 
@@ -344,7 +350,7 @@ def _features(latent_shape: tuple[int, ...], num_classes: int) -> tfds.features.
 
 def _metadata(plan: BuildPlan) -> dict[str, Any]:
     """The dataset's metadata: the manifest and the record counts."""
-    num_records = sum(len(np.load(plan.shard_path(s), mmap_mode="r")) for s in range(plan.num_shards))
+    num_records = sum(_shard_length(plan.shard_path(s)) for s in range(plan.num_shards))
     meta = plan.manifest()
     meta.update(num_records=num_records, num_skipped=len(plan.refs) - num_records)
     return meta
@@ -352,7 +358,7 @@ def _metadata(plan: BuildPlan) -> dict[str, Any]:
 
 def dataset_dir(data_dir: str | os.PathLike) -> str:
     """Where the built dataset lives: ``<data_dir>/imagenet_latents/<version>``."""
-    return os.path.join(os.fspath(data_dir), NAME, DATASET_VERSION)
+    return str(workdir_path(data_dir) / NAME / DATASET_VERSION)
 
 
 # --- the build ------------------------------------------------------------------------------
@@ -380,8 +386,8 @@ def make_plan(
     ):
         if not isinstance(value, int) or value < (0 if flag == "seed" else 1):
             raise ValueError(f"--{flag}={value!r}: expected an int >= {0 if flag == 'seed' else 1}.")
-    vae_folder = os.path.abspath(os.fspath(vae_folder))
-    if not os.path.isdir(vae_folder):
+    vae_folder = str(workdir_path(vae_folder))
+    if not workdir_path(vae_folder).is_dir():
         raise ValueError(f"--vae {vae_folder} is not a folder; expected a diffusers AutoencoderKL folder.")
     vae_config = vae_config_dict(vae_folder)
     factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
@@ -389,7 +395,7 @@ def make_plan(
         raise ValueError(f"--image_size={image_size} is not a multiple of the VAE's downsampling factor {factor}.")
     synsets, refs = list_images(source)
     return BuildPlan(
-        data_dir=os.path.abspath(os.fspath(data_dir)),
+        data_dir=str(workdir_path(data_dir)),
         split=split,
         seed=seed,
         image_size=image_size,
@@ -405,12 +411,11 @@ def make_plan(
 
 def _open_shard_dir(plan: BuildPlan) -> None:
     """Creates the shard folder with its manifest, or checks that an existing one has the same settings."""
-    os.makedirs(plan.shard_dir, exist_ok=True)
-    path = os.path.join(plan.shard_dir, "manifest.json")
+    workdir_path(plan.shard_dir).mkdir(parents=True, exist_ok=True)
+    path = workdir_path(plan.shard_dir) / "manifest.json"
     manifest = plan.manifest()
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    if path.exists():
+        old = json.loads(path.read_text())
         if old != manifest:
             changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             raise ValueError(
@@ -418,10 +423,7 @@ def _open_shard_dir(plan: BuildPlan) -> None:
                 "expected the same flags and files to resume, or remove that folder to start over."
             )
         return
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def encode_shard(plan: BuildPlan, shard: int, vae: Any, pool: concurrent.futures.Executor) -> np.ndarray:
@@ -475,8 +477,29 @@ def _hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _read_shard(path: str) -> np.ndarray:
+    """A shard's records: memory-mapped locally, read whole from an object store (a shard is ~16 MB)."""
+    if is_url(path):
+        return np.load(io.BytesIO(workdir_path(path).read_bytes()), allow_pickle=False)
+    return np.load(path, mmap_mode="r")
+
+
+def _shard_length(path: str) -> int:
+    """The number of records of a shard, from its ``.npy`` header only."""
+    with workdir_path(path).open("rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape = read_header(f)[0]
+    return int(shape[0])
+
+
 def _write_shard(plan: BuildPlan, shard: int, records: np.ndarray) -> None:
     path = plan.shard_path(shard)
+    if is_url(path):  # one upload: all or nothing
+        data = io.BytesIO()
+        np.save(data, records)
+        workdir_path(path).write_bytes(data.getvalue())
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         np.save(f, records)
@@ -501,7 +524,8 @@ def encode_shards(
 
     _open_shard_dir(plan)
     mine = [s for s in range(plan.num_shards) if s % process_count == process_index]
-    todo = [s for s in mine if not os.path.exists(plan.shard_path(s))]
+    written = {p.name for p in workdir_path(plan.shard_dir).iterdir()}  # one listing (an object store's is slow)
+    todo = [s for s in mine if workdir_path(plan.shard_path(s)).name not in written]
     if len(todo) < len(mine):
         log.info("resuming: %d of this process's %d shards are done", len(mine) - len(todo), len(mine))
     if not todo:
@@ -533,18 +557,23 @@ def encode_shards(
 
 def assemble(plan: BuildPlan) -> str:
     """Writes the TFDS dataset from the (complete) shards and removes them; returns the dataset folder."""
-    missing = [s for s in range(plan.num_shards) if not os.path.exists(plan.shard_path(s))]
+    written = {p.name for p in workdir_path(plan.shard_dir).iterdir()}
+    missing = [s for s in range(plan.num_shards) if workdir_path(plan.shard_path(s)).name not in written]
     if missing:
         raise ValueError(
             f"shards {missing[:5]} of {plan.num_shards} are missing in {plan.shard_dir}; run the build again."
         )
-    with _quiet():
-        builder = ImagenetLatents(plan=plan, data_dir=plan.data_dir, file_format="array_record")
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False), file_format="array_record"
-        )
-    shutil.rmtree(plan.shard_dir)
-    return os.fspath(builder.data_path)
+    remote = is_url(plan.data_dir)  # array_record writes local files only: write there, then upload
+    with tempfile.TemporaryDirectory(prefix=f"{NAME}-") if remote else contextlib.nullcontext(plan.data_dir) as local:
+        with _quiet():
+            builder = ImagenetLatents(plan=plan, data_dir=local, file_format="array_record")
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False), file_format="array_record"
+            )
+        if remote:
+            sync_folder(os.fspath(builder.data_path), dataset_dir(plan.data_dir))
+    workdir_path(plan.shard_dir).rmtree()
+    return dataset_dir(plan.data_dir)
 
 
 def build(plan: BuildPlan, *, num_threads: int | None = None, on_shard: Callable[[int], None] | None = None) -> str:
@@ -554,17 +583,16 @@ def build(plan: BuildPlan, *, num_threads: int | None = None, on_shard: Callable
     from gmflow_jax.multihost import barrier
 
     path = dataset_dir(plan.data_dir)
-    if os.path.isfile(os.path.join(path, "dataset_info.json")):
-        with open(os.path.join(path, "metadata.json")) as f:
-            built = json.load(f)
+    if (workdir_path(path) / "dataset_info.json").is_file():
+        built = json.loads((workdir_path(path) / "metadata.json").read_text())
         changed = sorted(k for k, v in plan.manifest().items() if built.get(k) != v)
         if changed:
             raise ValueError(
                 f"{path} already holds {NAME} built with other settings ({', '.join(changed)}); remove it to rebuild."
             )
         log.info("%s is already built in %s with these settings: nothing to do", NAME, path)
-        if jax.process_index() == 0 and os.path.isdir(plan.shard_dir):  # killed after assembly, before clean-up
-            shutil.rmtree(plan.shard_dir)
+        if jax.process_index() == 0 and workdir_path(plan.shard_dir).is_dir():  # killed after assembly
+            workdir_path(plan.shard_dir).rmtree()
         return path
     encode_shards(
         plan,

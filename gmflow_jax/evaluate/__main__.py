@@ -20,7 +20,7 @@ from gmflow_jax.sampling import Sampler
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Trainer workdir (or a converted published checkpoint).")
-flags.DEFINE_string("out", None, "Output folder: one sub-folder per setting, metrics.json on top.")
+flags.DEFINE_string("out", None, "Output folder (local or gs://): one sub-folder per setting, metrics.json on top.")
 flags.DEFINE_integer("num_samples", 50_000, "Samples per setting.")
 flags.DEFINE_enum("solver", "gm-ode", solvers.SOLVERS, "Solver.")
 flags.DEFINE_integer("order", 2, "Order of the GM solvers.")
@@ -81,7 +81,7 @@ def main(argv: list[str]) -> None:
         row.update(feature_network=net.name, reference=ref.path)
     path = write_metrics(FLAGS.out, rows)
     every = read_metrics(FLAGS.out)
-    plots.write_csv(every, os.path.join(FLAGS.out, "metrics.csv"))
+    plots.write_csv(every, checkpoint.workdir_path(FLAGS.out) / "metrics.csv")
     pictures = plots.plot_sweep(every, FLAGS.out)
     if net is not None:
         print(plots.table(every), flush=True)

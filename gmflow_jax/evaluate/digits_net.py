@@ -40,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from gmflow_jax.data.builders import default_cache_dir
 from gmflow_jax.evaluate.sampling import to_uint8_rgb
 
 RESOLUTION = (8, 8)
@@ -194,11 +195,6 @@ def train_digits_net(
     if verbose:
         print(f"[digits_net] trained {net.name} on {len(labels)} digits in {time.time() - t0:.1f} s", flush=True)
     return net
-
-
-def default_cache_dir() -> str:
-    """``$GMFLOW_JAX_CACHE`` if set, else ``~/.cache/gmflow_jax``."""
-    return os.environ.get("GMFLOW_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmflow_jax")
 
 
 def save_digits_net(net: DigitsFeatureNet, path: str) -> None:

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmflow_jax.checkpoint import open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate.metrics import hsv_saturation
 
 
@@ -76,8 +77,9 @@ def check_resolution(net: FeatureNetwork, images_shape: tuple[int, ...], where: 
 
 def npz_array_batches(path: str, key: str = "arr_0", batch: int = 1000) -> tuple[tuple[int, ...], Iterator]:
     """(shape, iterator of consecutive (≤ batch, ...) slices) of array ``key`` in an uncompressed ``.npz``,
-    read from disk a batch at a time (a 50K × 256² sample file is 9.8 GB)."""
-    archive = zipfile.ZipFile(path)
+    read a batch at a time (a 50K × 256² sample file is 9.8 GB) from a local, ``file://`` or ``gs://`` path."""
+    file = workdir_path(path).open("rb")
+    archive = zipfile.ZipFile(file)
     member = archive.open(f"{key}.npy")
     version = np.lib.format.read_magic(member)
     readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
@@ -89,7 +91,7 @@ def npz_array_batches(path: str, key: str = "arr_0", batch: int = 1000) -> tuple
     row = int(np.prod(shape[1:]))
 
     def batches() -> Iterator[np.ndarray]:
-        with archive, member:
+        with file, archive, member:
             for start in range(0, shape[0], batch):
                 n = min(batch, shape[0] - start)
                 data = member.read(n * row)
@@ -128,14 +130,12 @@ def cached_features(
     """The features of ``images()`` and their mean HSV saturation (``saturation``, with ``count`` images) from
     ``path`` (an ``.npz`` with the network's name), computing and writing it (atomically) when absent or made by
     another network."""
-    if os.path.exists(path):
-        with np.load(path, allow_pickle=False) as f:
+    if workdir_path(path).exists():
+        with open_npz(path) as f:
             if str(f["feature_network"][()]) == net.name:
                 return {k: f[k] for k in f.files if k != "feature_network"}
     x = images()
     check_resolution(net, x.shape, where)
     out = dict(net(x), saturation=np.float64(hsv_saturation(x)), count=np.int64(len(x)))
-    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
-    np.savez(tmp, feature_network=np.array(net.name), **out)
-    os.replace(tmp, path)
+    write_npz(path, feature_network=np.array(net.name), **out)
     return out

@@ -22,6 +22,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
+from gmflow_jax.checkpoint import open_npz, write_npz
+
 __all__ = [
     "AdmReference",
     "check_same_preprocessing",
@@ -290,7 +292,7 @@ def load_adm_reference(
     ``load_images=False`` skips ``arr_0`` (ImageNet 256's batch is 10,000 images, ~2 GB). The returned
     ``preprocessing`` is the file's ``preprocessing`` string, or 'adm' when the file has none (ADM's own files).
     """
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path) as f:
         keys = set(f.files)
         for key in ("mu", "sigma", "mu_s", "sigma_s"):
             if key not in keys:
@@ -321,7 +323,8 @@ def save_reference(
     (and the arrays of ``extra``: :mod:`gmflow_jax.evaluate.reference` stores its fields there).
 
     ``preprocessing`` names how the images were made (e.g. 'adm' for ADM's centre crop); statistics computed with
-    different preprocessing must never be compared (:func:`check_same_preprocessing`). Writes exactly ``path``.
+    different preprocessing must never be compared (:func:`check_same_preprocessing`). Writes exactly ``path``
+    (atomically; local, ``file://`` or ``gs://``).
     """
     if not isinstance(preprocessing, str) or not preprocessing:
         raise ValueError(f"preprocessing must be a non-empty string, got {preprocessing!r}")
@@ -337,8 +340,7 @@ def save_reference(
         images = np.asarray(images)
         _check_images(str(path), images)
         arrays["arr_0"] = images
-    with open(path, "wb") as f:
-        np.savez(f, **arrays)
+    write_npz(path, **arrays)
 
 
 def check_same_preprocessing(a: str, b: str) -> None:

@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from collections.abc import Sequence
 from typing import Any
 
+from gmflow_jax.checkpoint import workdir_path, write_atomic
 from gmflow_jax.evaluate.scoring import METRIC_KEYS
 
 CSV_KEYS = ("solver", "order", "num_steps", "num_substeps", "guidance", "num_samples", "network_evals_per_sample")
@@ -29,13 +30,12 @@ def curves(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def write_csv(rows: Sequence[dict[str, Any]], path: str) -> None:
     """One line per row: the setting, then the metrics (empty where absent)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*CSV_KEYS, *METRIC_KEYS, "samples"])
-        for r in sorted(rows, key=lambda r: (curve_name(r), r["guidance"])):
-            w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in (*CSV_KEYS, *METRIC_KEYS, "samples")])
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow([*CSV_KEYS, *METRIC_KEYS, "samples"])
+    for r in sorted(rows, key=lambda r: (curve_name(r), r["guidance"])):
+        w.writerow([r.get(k, "") if r.get(k) is not None else "" for k in (*CSV_KEYS, *METRIC_KEYS, "samples")])
+    write_atomic(workdir_path(path), text.getvalue())
 
 
 def plot_sweep(rows: Sequence[dict[str, Any]], out: str, title: str = "") -> list[str]:
@@ -70,11 +70,12 @@ def plot_sweep(rows: Sequence[dict[str, Any]], out: str, title: str = "") -> lis
         ax.legend(fontsize=9)
         ax.set_title(title or _title(rows), fontsize=10)
         fig.tight_layout()
-        path = os.path.join(out, name)
-        fig.savefig(path + ".tmp.png", dpi=100)
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=100)
         plt.close(fig)
-        os.replace(path + ".tmp.png", path)
-        paths.append(path)
+        path = workdir_path(out) / name
+        write_atomic(path, png.getvalue())
+        paths.append(str(path))
     return paths
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gmflow_jax.checkpoint import file_size, open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, check_resolution, features_of_batches, npz_array_batches
 
@@ -107,9 +108,8 @@ def build_reference(
 
 def save(ref: Reference, path: str) -> None:
     """Writes ``ref`` in the ADM format plus its fields (``pool`` as ``features_pool``), atomically."""
-    tmp = f"{path[: -len('.npz')] if path.endswith('.npz') else path}.tmp{os.getpid()}.npz"
     metrics.save_reference(
-        tmp,
+        path,
         mu=ref.mu,
         sigma=ref.sigma,
         mu_s=ref.mu_s,
@@ -124,17 +124,16 @@ def save(ref: Reference, path: str) -> None:
             min_samples=np.int64(ref.min_samples),
         ),
     )
-    os.replace(tmp, path)
 
 
 def load_reference(path: str, net: FeatureNetwork | None, cache_dir: str) -> Reference:
     """Reads a reference of ours or an ADM batch (its pool features and saturation computed from its images with
     ``net`` and cached in ``cache_dir``). ValueError naming the file when it is neither."""
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path) as f:
         ours = "feature_network" in f.files
     if ours:
         stats = metrics.load_adm_reference(path, load_images=False, dims=None)
-        with np.load(path, allow_pickle=False) as f:
+        with open_npz(path) as f:
             missing = {"features_pool", "saturation", "resolution", "min_samples"} - set(f.files)
             if missing:
                 raise ValueError(f"{path}: a reference of ours must hold {sorted(missing)}; rebuild it")
@@ -155,17 +154,15 @@ def load_reference(path: str, net: FeatureNetwork | None, cache_dir: str) -> Ref
     shape, batches = npz_array_batches(path, "arr_0")
     if net is None or not net.name.startswith(INCEPTION_FAMILY):
         raise ValueError(f"{path} is an ADM reference batch: its features need the FID Inception (--inception FILE)")
-    cache = os.path.join(cache_dir, "reference_features.npz")
-    key = f"{os.path.abspath(path)}:{os.path.getsize(path)}:{net.name}"
-    if os.path.exists(cache):
-        with np.load(cache, allow_pickle=False) as f:
+    cache = workdir_path(cache_dir) / "reference_features.npz"
+    key = f"{workdir_path(path)}:{file_size(path)}:{net.name}"
+    if cache.exists():
+        with open_npz(cache) as f:
             if str(f["key"][()]) == key:
                 return _adm(stats, f["pool"], float(f["saturation"]), shape, path)
     ref = build_reference(net, shape, batches, preprocessing=stats["preprocessing"])
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache[: -len('.npz')]}.tmp{os.getpid()}.npz"
-    np.savez(tmp, key=np.array(key), pool=ref.pool, saturation=np.float64(ref.saturation))
-    os.replace(tmp, cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(cache, key=np.array(key), pool=ref.pool, saturation=np.float64(ref.saturation))
     return _adm(stats, ref.pool, ref.saturation, shape, path)
 
 

@@ -17,6 +17,8 @@ For one solver setting and a list of guidance values it writes one folder per gu
   of hosts or devices.
 * Resumable: every chunk is written (atomically) to ``<out>/<setting>/chunks/`` as soon as it is
   drawn; a rerun skips the chunks that exist and assembles the same ``samples.npz``.
+* ``out`` is a local, ``file://`` or ``gs://`` path (``checkpoint.workdir_path``): on a pod, whose hosts share no
+  disk, every process writes its chunks into the one bucket folder and process 0 assembles them from there.
 """
 
 from __future__ import annotations
@@ -24,14 +26,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from gmflow_jax import solvers
+from gmflow_jax.checkpoint import open_npz, workdir_path, write_atomic, write_npz
 from gmflow_jax.multihost import barrier
 from gmflow_jax.sampling import NOISE_KEY, Sampler
 from gmflow_jax.viz import save_grid_png
@@ -75,15 +78,9 @@ def _noise(key: jax.Array, indices: jax.Array, shape: tuple[int, ...]) -> jax.Ar
     return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k, i), shape))(indices)
 
 
-def _write_npz(path: str, **arrays: np.ndarray) -> None:
-    tmp = f"{path[: -len('.npz')]}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def evaluate_samples(
     sampler: Sampler,
-    out: str,
+    out: str | epath.PathLike,
     setting: Setting,
     guidance: list[float],
     *,
@@ -99,13 +96,13 @@ def evaluate_samples(
         raise ValueError("guidance must list at least one value.")
     solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, np.asarray(guidance))
     labels = eval_labels(num_samples, sampler.num_classes, seed)
-    folders = [os.path.join(out, setting.name(w)) for w in guidance]
+    folders = [workdir_path(out) / setting.name(w) for w in guidance]
     chunks = -(-num_samples // chunk_size)
     mine = [c for c in range(jax.process_index(), chunks, jax.process_count())]
-    done = lambda c: all(os.path.exists(_chunk_path(f, c)) for f in folders)  # noqa: E731
-    todo = [c for c in mine if not done(c)]
     for f in folders:
-        os.makedirs(os.path.join(f, "chunks"), exist_ok=True)
+        (f / "chunks").mkdir(parents=True, exist_ok=True)
+    written = [{p.name for p in (f / "chunks").iterdir()} for f in folders]  # one listing per folder
+    todo = [c for c in mine if not all(_chunk_path(f, c).name in w for f, w in zip(folders, written, strict=True))]
     t0, drawn = time.time(), 0
     for c in todo:
         idx = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_samples))
@@ -127,7 +124,7 @@ def evaluate_samples(
         )[:, : len(idx)]
         for f, xs in zip(folders, x, strict=True):
             images = sampler.decode(xs) if sampler.config.model.get("vae", "") else to_uint8_rgb(xs)
-            _write_npz(_chunk_path(f, c), images=images, labels=labels[idx], indices=idx)
+            write_npz(_chunk_path(f, c), images=images, labels=labels[idx], indices=idx)
         drawn += len(idx)
         rate = drawn * len(guidance) / (time.time() - t0)
         left = sum(min(chunk_size, num_samples - k * chunk_size) for k in todo[todo.index(c) + 1 :])
@@ -139,10 +136,10 @@ def evaluate_samples(
     barrier("gmflow_evaluate_chunks")
     rows = []
     for w, f in zip(guidance, folders, strict=True):
-        path = os.path.join(f, "samples.npz")
+        path = f / "samples.npz"
         if jax.process_index() == 0:
             _assemble(f, chunks, path)
-            _grid(path, sampler.num_classes, os.path.join(f, "grid.png"), f"{setting.name(w)} (step {sampler.step})")
+            _grid(path, sampler.num_classes, f / "grid.png", f"{setting.name(w)} (step {sampler.step})")
         guided = w != 0.0
         rows.append(
             dict(
@@ -151,30 +148,30 @@ def evaluate_samples(
                 num_samples=num_samples,
                 seed=seed,
                 network_evals_per_sample=setting.num_steps * (2 if guided else 1),
-                samples=path,
+                samples=str(path),
             )
         )
     barrier("gmflow_evaluate_assembled")
     return rows
 
 
-def _chunk_path(folder: str, c: int) -> str:
-    return os.path.join(folder, "chunks", f"chunk-{c:06d}.npz")
+def _chunk_path(folder: epath.Path, c: int) -> epath.Path:
+    return folder / "chunks" / f"chunk-{c:06d}.npz"
 
 
-def _assemble(folder: str, chunks: int, path: str) -> None:
+def _assemble(folder: epath.Path, chunks: int, path: epath.Path) -> None:
     """``samples.npz`` (ADM format: ``arr_0`` uint8 (N, H, W, 3), ``labels``) from the chunks, in order."""
     images, labels = [], []
     for c in range(chunks):
-        with np.load(_chunk_path(folder, c)) as f:
+        with open_npz(_chunk_path(folder, c)) as f:
             images.append(f["images"])
             labels.append(f["labels"])
-    _write_npz(path, arr_0=np.concatenate(images), labels=np.concatenate(labels))
+    write_npz(path, arr_0=np.concatenate(images), labels=np.concatenate(labels))
 
 
-def _grid(path: str, num_classes: int, png: str, title: str) -> None:
+def _grid(path: epath.Path, num_classes: int, png: epath.Path, title: str) -> None:
     """The first ``GRID_PER_CLASS`` samples of the first ``GRID_CLASSES`` classes (same in every setting)."""
-    with np.load(path) as f:
+    with open_npz(path) as f:
         images, labels = f["arr_0"], f["labels"]
     if num_classes:
         picked = [np.flatnonzero(labels == k) for k in range(min(GRID_CLASSES, num_classes))]
@@ -186,23 +183,16 @@ def _grid(path: str, num_classes: int, png: str, title: str) -> None:
         save_grid_png(grid[: len(grid) // rows * rows].astype(np.float32) / 127.5 - 1.0, png, rows, title)
 
 
-def read_metrics(out: str) -> list[dict[str, Any]]:
+def read_metrics(out: str | epath.PathLike) -> list[dict[str, Any]]:
     """The rows of ``<out>/metrics.json`` ([] when there is none)."""
-    path = os.path.join(out, "metrics.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return json.load(f)
+    path = workdir_path(out) / "metrics.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
-def write_metrics(out: str, rows: list[dict[str, Any]]) -> str:
+def write_metrics(out: str | epath.PathLike, rows: list[dict[str, Any]]) -> str:
     """Merges ``rows`` into ``<out>/metrics.json`` (one row per setting × guidance; a rerun replaces its rows)."""
-    path = os.path.join(out, "metrics.json")
-    old = read_metrics(out)
+    path = workdir_path(out) / "metrics.json"
     keys = {r["samples"] for r in rows}
-    merged = [r for r in old if r.get("samples") not in keys] + rows
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(merged, f, indent=2)
-    os.replace(tmp, path)
-    return path
+    merged = [r for r in read_metrics(out) if r.get("samples") not in keys] + rows
+    write_atomic(path, json.dumps(merged, indent=2))
+    return str(path)

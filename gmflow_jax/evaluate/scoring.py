@@ -7,14 +7,14 @@ guidance values, only featurises what is new. Process 0 then scores every settin
 
 from __future__ import annotations
 
-import glob
-import os
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
+from gmflow_jax.checkpoint import open_npz, workdir_path
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, cached_features
 from gmflow_jax.evaluate.reference import Reference
@@ -22,38 +22,39 @@ from gmflow_jax.evaluate.reference import Reference
 METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
 
 
-def _chunk_files(folder: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(folder, "chunks", "chunk-*.npz")))
+def _chunk_files(folder: epath.Path) -> list[epath.Path]:
+    return sorted((folder / "chunks").glob("chunk-*.npz"))
 
 
-def featurise_setting(folder: str, net: FeatureNetwork) -> None:
+def featurise_setting(folder: str | epath.PathLike, net: FeatureNetwork) -> None:
     """Caches the features and saturation of this process's share of ``folder``'s sample chunks, printing
     images/s and ETA."""
-    os.makedirs(os.path.join(folder, "features"), exist_ok=True)
+    folder = workdir_path(folder)
+    (folder / "features").mkdir(parents=True, exist_ok=True)
     chunks = _chunk_files(folder)
     mine = list(range(jax.process_index(), len(chunks), jax.process_count()))
     t0, done = time.time(), 0
     for n, i in enumerate(mine):
-        path = os.path.join(folder, "features", os.path.basename(chunks[i]))
+        path = folder / "features" / chunks[i].name
 
-        def images(chunk: str = chunks[i]) -> np.ndarray:
-            with np.load(chunk) as f:
+        def images(chunk: epath.Path = chunks[i]) -> np.ndarray:
+            with open_npz(chunk) as f:
                 return f["images"]
 
-        done += int(cached_features(net, images, path, where=chunks[i])["count"])
+        done += int(cached_features(net, images, path, where=str(chunks[i]))["count"])
         elapsed = max(time.time() - t0, 1e-9)
         print(
-            f"features {os.path.basename(folder)}: chunk {n + 1}/{len(mine)}, {done / elapsed:.1f} images/s, "
+            f"features {folder.name}: chunk {n + 1}/{len(mine)}, {done / elapsed:.1f} images/s, "
             f"ETA {(len(mine) - n - 1) * elapsed / (n + 1):.0f} s",
             flush=True,
         )
 
 
-def setting_features(folder: str, net: FeatureNetwork) -> dict[str, np.ndarray]:
+def setting_features(folder: str | epath.PathLike, net: FeatureNetwork) -> dict[str, np.ndarray]:
     """All features of ``folder`` in sample order (after :func:`featurise_setting` on every process)."""
-    parts = []
+    folder, parts = workdir_path(folder), []
     for chunk in _chunk_files(folder):
-        with np.load(os.path.join(folder, "features", os.path.basename(chunk)), allow_pickle=False) as f:
+        with open_npz(folder / "features" / chunk.name) as f:
             if str(f["feature_network"][()]) != net.name:
                 raise ValueError(f"{folder}: features of {chunk} were made by {f['feature_network']}, not {net.name}")
             parts.append({k: f[k] for k in f.files if k != "feature_network"})
@@ -106,21 +107,21 @@ def reference_for(ref: str | None, net: FeatureNetwork, config: Any, out: str) -
     if samples_preprocessing(config) != "digits":
         raise ValueError("--ref is needed with --inception: the ADM reference batch or one made by "
                          "python -m gmflow_jax.evaluate.reference")  # fmt: skip
-    path = os.path.join(out, "reference_digits.npz")
+    path = workdir_path(out) / "reference_digits.npz"
     if jax.process_index() == 0 and not _is_reference_of(path, net):
-        os.makedirs(out, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         shape, batches, prep = reference.image_source("digits", 8)
         reference.save(reference.build_reference(net, shape, batches, preprocessing=prep), path)
     from gmflow_jax.multihost import barrier
 
     barrier("gmflow_evaluate_reference")
-    return reference.load_reference(path, net, out)
+    return reference.load_reference(str(path), net, out)
 
 
-def _is_reference_of(path: str, net: FeatureNetwork) -> bool:
-    if not os.path.exists(path):
+def _is_reference_of(path: epath.Path, net: FeatureNetwork) -> bool:
+    if not path.exists():
         return False
-    with np.load(path, allow_pickle=False) as f:
+    with open_npz(path) as f:
         return "feature_network" in f.files and str(f["feature_network"][()]) == net.name
 
 

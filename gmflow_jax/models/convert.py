@@ -16,15 +16,18 @@ Torch ``Linear.weight`` is (out, in); our kernels are (in, out).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
+from gmflow_jax.checkpoint import copy_file, is_url, workdir_path
 from gmflow_jax.models.gmdit import GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP
 
@@ -38,37 +41,50 @@ def to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[str]:
+    """A local file name for ``path``: itself when local, else a temporary download (safetensors maps local files)."""
+    if not is_url(path):
+        yield os.fspath(path)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, workdir_path(path).name)
+        copy_file(path, local)
+        yield local
+
+
 def weights_file(folder: str | os.PathLike) -> str:
-    """The weights of a diffusers folder: ``diffusion_pytorch_model.safetensors``, else its one variant
-    (``diffusion_pytorch_model.<variant>.safetensors``, e.g. ``bf16``); ValueError naming the folder."""
-    folder = os.fspath(folder)
-    plain = os.path.join(folder, f"{WEIGHTS}.safetensors")
-    if os.path.isfile(plain):
-        return plain
-    variants = sorted(n for n in os.listdir(folder) if n.startswith(WEIGHTS + ".") and n.endswith(".safetensors"))
+    """The weights of a diffusers folder (local, ``file://`` or ``gs://``): ``diffusion_pytorch_model.safetensors``,
+    else its one variant (``diffusion_pytorch_model.<variant>.safetensors``, e.g. ``bf16``); ValueError naming
+    the folder."""
+    folder = workdir_path(folder)
+    plain = folder / f"{WEIGHTS}.safetensors"
+    if plain.is_file():
+        return str(plain)
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    variants = sorted(n for n in names if n.startswith(WEIGHTS + ".") and n.endswith(".safetensors"))
     if not variants:
         raise ValueError(f"{folder} has no {WEIGHTS}.safetensors (nor a {WEIGHTS}.<variant>.safetensors).")
     if len(variants) > 1:
         raise ValueError(f"{folder} has several weight variants {variants} and no {WEIGHTS}.safetensors; keep one.")
-    return os.path.join(folder, variants[0])
+    return str(folder / variants[0])
 
 
 def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(config.json, state dict as float32 NumPy)`` of a diffusers model folder (bf16/fp16 upcast);
-    ValueError naming the path for a missing or unreadable file."""
+    """``(config.json, state dict as float32 NumPy)`` of a diffusers model folder, local, ``file://`` or ``gs://``
+    (bf16/fp16 upcast); ValueError naming the path for a missing or unreadable file."""
     from safetensors import safe_open
 
-    config_path = os.path.join(os.fspath(folder), "config.json")
-    if not os.path.isfile(config_path):
+    config_path = workdir_path(folder) / "config.json"
+    if not config_path.is_file():
         raise ValueError(f"{os.fspath(folder)!r} has no config.json; expected a diffusers model folder.")
     try:
-        with open(config_path) as f:
-            config = json.load(f)
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
     weights = weights_file(folder)
     try:
-        with safe_open(weights, framework="numpy") as f:
+        with local_copy(weights) as local, safe_open(local, framework="numpy") as f:
             state = {name: to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"weights {weights} could not be read: {e}") from None

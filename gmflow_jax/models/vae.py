@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gmflow_jax.checkpoint import workdir_path
 from gmflow_jax.models.convert import read_diffusers_folder, to_numpy
 
 Array = jax.Array
@@ -400,8 +402,18 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], config: VAEConfig) -> 
     return params
 
 
+def vae_folder(folder: str, workdir: str | os.PathLike | None) -> str:
+    """``config.model.vae`` as a path: a URL (``gs://``) or an absolute local path as it is (``~`` expanded), a
+    relative path against the run's ``workdir`` (local or ``gs://``; the current directory when None)."""
+    folder = os.path.expanduser(folder)
+    if "://" in folder or os.path.isabs(folder):
+        return str(workdir_path(folder))
+    return str(workdir_path(workdir if workdir is not None else os.getcwd()) / folder)
+
+
 def load_vae(folder: str, *, dtype: jnp.dtype = jnp.float32) -> AutoencoderKL:
-    """A diffusers ``AutoencoderKL`` folder (config.json + safetensors weights) -> ``AutoencoderKL``."""
+    """A diffusers ``AutoencoderKL`` folder (config.json + safetensors weights; local, ``file://`` or ``gs://``) ->
+    ``AutoencoderKL``."""
     raw, state_dict = read_diffusers_folder(folder)
     try:
         config = VAEConfig.from_dict(raw)

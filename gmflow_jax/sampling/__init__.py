@@ -19,7 +19,6 @@ trainer nor the data pipeline (grain, TFDS).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -212,11 +211,9 @@ class Sampler:
             folder = str(self.config.model.get("vae", "") or "")
             if not folder:
                 raise ValueError("decode needs a latent model: this run's config.model.vae is '' (pixel-space data).")
-            if not os.path.isabs(folder):
-                folder = os.path.join(self.workdir or os.getcwd(), folder)
             from gmflow_jax.models import vae as vae_lib
 
-            self._vae = vae_lib.load_vae(folder)
+            self._vae = vae_lib.load_vae(vae_lib.vae_folder(folder, self.workdir))
         return self._vae
 
     @property

@@ -11,7 +11,6 @@ points: a log-density histogram).
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import numpy as np
@@ -23,7 +22,7 @@ from gmflow_jax.viz import save_grid_png
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Trainer workdir, its checkpoints/ root, or a step directory.")
-flags.DEFINE_string("out", None, "Output .npz (PNG grids are written beside it).")
+flags.DEFINE_string("out", None, "Output .npz, local or gs:// (PNG grids are written beside it).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest good one).")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (--noema: the raw parameters).")
 flags.DEFINE_integer("num_per_class", 8, "Samples per class (class-conditional models).")
@@ -47,6 +46,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir and --out are required.")
     if not FLAGS.out.endswith(".npz"):
         raise ValueError(f"--out must end in .npz; got {FLAGS.out!r}.")
+    out = checkpoint.workdir_path(FLAGS.out)  # local, file:// or gs://; refused before sampling
     try:
         guidance_values = [float(v) for v in FLAGS.guidance]
     except ValueError as e:
@@ -72,27 +72,24 @@ def main(argv: list[str]) -> None:
         batch_size=FLAGS.batch_size,
     )
     wall = time.time() - t0
-    out = os.path.abspath(FLAGS.out)
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = out[: -len(".npz")] + ".tmp.npz"
+    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {name: FLAGS[name].value for name in ("solver", "order", "steps", "substeps", "orthogonal", "shift")}
-    np.savez(
-        tmp,
+    checkpoint.write_npz(
+        out,
         samples=x,
         labels=np.asarray([] if labels is None else labels, np.int32),
         guidance=np.asarray(guidance_values, np.float32),
         step=np.int64(sampler.step),
         settings=json.dumps(dict(settings, seed=FLAGS.seed, workdir=FLAGS.workdir)),
     )
-    os.replace(tmp, out)
-    written = [out]
+    written = [str(out)]
     if FLAGS.png:
         rows = sampler.num_classes if sampler.num_classes else 1
         for w, xs in zip(guidance_values, x if sweep else x[None], strict=True):
-            png = out[: -len(".npz")] + (f"_w{w:g}.png" if sweep else ".png")
+            png = out.parent / (out.stem + (f"_w{w:g}.png" if sweep else ".png"))
             title = f"{FLAGS.solver} order {FLAGS.order}, {FLAGS.steps} steps, guidance {w:g} (step {sampler.step})"
             save_grid_png(xs, png, rows, title)
-            written.append(png)
+            written.append(str(png))
     print(f"sampled {x.shape} in {wall:.1f} s from {sampler.path}; wrote {', '.join(written)}", flush=True)
 
 

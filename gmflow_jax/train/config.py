@@ -284,10 +284,11 @@ def define_config_flag(name: str, help_string: str) -> Any:
 
 
 def resolve_data_dir(data_dir: str) -> str:
-    """``''`` → ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``; user and env vars expanded."""
+    """``''`` → ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``; env vars expanded; then as ``workdir_path``
+    (a local path made absolute, ``gs://`` kept: such a dataset is read through a local copy)."""
     if not data_dir:
         data_dir = os.environ.get("GMFLOW_DATA_DIR") or "~/tensorflow_datasets"
-    return os.path.abspath(os.path.expanduser(os.path.expandvars(data_dir)))
+    return str(workdir_path(os.path.expandvars(data_dir)))
 
 
 def _need(cond: bool, field: str, expected: str, value: Any) -> None:

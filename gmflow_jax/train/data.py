@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from gmflow_jax.data import BatchIterator, make_iterator, make_loader
+from gmflow_jax.data.builders import local_data_dir
 from gmflow_jax.data.device import DeviceBatches, load_arrays
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import primary_first
@@ -36,11 +37,10 @@ def check_data(config: ml_collections.ConfigDict, source: Any, workdir: str | No
     metadata = getattr(source, "metadata", None)
     if metadata is not None:
         from gmflow_jax.data.imagenet import check_vae_match
+        from gmflow_jax.models.vae import vae_folder
 
-        vae = os.path.expanduser(config.model.get("vae", ""))
-        if vae and workdir is not None:
-            vae = os.path.join(workdir, vae)
-        check_vae_match(metadata, vae, config.data.image_size)
+        vae = config.model.get("vae", "")
+        check_vae_match(metadata, vae_folder(vae, workdir) if vae else "", config.data.image_size)
     shape = tuple(np.shape(source[0]["image"]))
     expected = data_shape(config.model)
     if shape != expected:
@@ -57,7 +57,7 @@ def make_data_iterator(
     """Global batches ``{'image', 'label'}`` sharded over the whole mesh (see ``config.data.read``)."""
     d = config.data
     if d.read == "device":
-        cache = os.path.join(data_dir, "gmflow_device_arrays", d.dataset.replace("/", "_") + ".npz")
+        cache = os.path.join(local_data_dir(data_dir), "gmflow_device_arrays", d.dataset.replace("/", "_") + ".npz")
         images, labels = primary_first(lambda: load_arrays(source, cache), "gmflow_device_arrays")
         return DeviceBatches(images, labels, global_batch_size=config.batch_size, seed=config.seed, mesh=mesh)
     read_threads = 0 if isinstance(source, list | tuple) else 4

@@ -244,3 +244,99 @@ def test_object_store_event_file_goes_on_in_a_new_file_past_the_part_size(gcs, m
     events.close()
     assert epath.Path(name).read_bytes() == b"a" * 6 + b"b" * 6
     assert epath.Path(f"{name}.0001").read_bytes() == b"c"
+
+
+# --- every other path a pod job touches, on the stand-in object store ----------------------------------
+
+
+def test_gs_path_without_a_gcs_client_is_one_line(monkeypatch):
+    monkeypatch.setattr(ckpt.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match=r"'gs://pod/eval' needs gcsfs: pip install 'gmflow_jax\[gcs\]'"):
+        ckpt.workdir_path("gs://pod/eval")
+
+
+def test_npz_files_and_copies_on_an_object_store(gcs, tmp_path):
+    from gmflow_jax.evaluate.features import npz_array_batches
+
+    images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    ckpt.write_npz(f"{gcs}/a.npz", arr_0=images, labels=np.arange(10))
+    with ckpt.open_npz(f"{gcs}/a.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+        np.testing.assert_array_equal(f["labels"], np.arange(10))
+    shape, batches = npz_array_batches(f"{gcs}/a.npz", batch=4)
+    assert shape == images.shape and np.array_equal(np.concatenate(list(batches)), images)
+    ckpt.copy_file(f"{gcs}/a.npz", tmp_path / "a.npz")  # object store -> disk, and back
+    ckpt.copy_file(tmp_path / "a.npz", f"{gcs}/b.npz")
+    assert ckpt.file_size(f"{gcs}/b.npz") == ckpt.file_size(tmp_path / "a.npz") == (tmp_path / "a.npz").stat().st_size
+    assert np.load(tmp_path / "a.npz")["arr_0"].tobytes() == images.tobytes()
+    ckpt.write_npz(tmp_path / "c.npz", x=np.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "c.npz"]  # no temporary file left
+
+
+def test_dataset_copies_complete_files_and_its_info_last(gcs, tmp_path, monkeypatch):
+    from gmflow_jax.data import builders
+
+    for name, size in (("dataset_info.json", 3), ("features.json", 5), ("x.array_record-00000-of-00002", 40)):
+        epath.Path(f"{gcs}/data/ds/1.0.0/{name}").write_bytes(b"z" * size)
+    epath.Path(f"{gcs}/data/ds/1.0.0/x.array_record-00001-of-00002").write_bytes(b"y" * 7)
+    order = []
+    copy = ckpt.copy_file
+    monkeypatch.setattr(builders, "copy_file", lambda s, d: (order.append(epath.Path(s).name), copy(s, d)))
+    monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
+    local = builders.stage("ds", f"{gcs}/data")
+    assert local == str(tmp_path / "cache" / "datasets" / "bucket" / "run" / "data")
+    assert order[-1] == "dataset_info.json" and len(order) == 4  # a copy cut short is no dataset
+    assert ckpt.file_sizes(f"{local}/ds") == ckpt.file_sizes(f"{gcs}/data/ds")
+    (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/features.json").write_bytes(b"zz")  # cut short
+    order.clear()
+    builders.stage("ds", f"{gcs}/data")
+    assert order == ["features.json"]  # a rerun copies only what is missing or differs
+
+
+def test_evaluation_metrics_and_plots_on_an_object_store(gcs):
+    from gmflow_jax.evaluate import plots
+    from gmflow_jax.evaluate.sampling import read_metrics, write_metrics
+
+    setting = dict(solver="gm-ode", order=2, num_steps=8, num_substeps=1, num_samples=100)
+    metrics = dict(precision=0.5, recall=0.5, saturation=0.1)
+    rows = [dict(setting, **metrics, guidance=w, fid=10 - w, samples=f"{gcs}/eval/w{w}/s.npz") for w in (0.0, 1.0)]
+    write_metrics(f"{gcs}/eval", rows[:1])
+    write_metrics(f"{gcs}/eval", rows)  # a rerun replaces its rows
+    assert read_metrics(f"{gcs}/eval") == rows
+    plots.write_csv(rows, epath.Path(gcs, "eval", "metrics.csv"))
+    assert epath.Path(gcs, "eval", "metrics.csv").read_text().count("\n") == 3
+    pictures = plots.plot_sweep(rows, f"{gcs}/eval")
+    assert [p.rsplit("/", 1)[1] for p in pictures] == ["fid_vs_guidance.png", "precision_recall.png",
+                                                       "saturation_vs_guidance.png"]  # fmt: skip
+    assert Image.open(io.BytesIO(epath.Path(pictures[0]).read_bytes())).size == (640, 480)
+
+
+def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
+    import tarfile
+
+    from gmflow_jax.data import builders, imagenet
+    from gmflow_jax.models.convert import read_diffusers_folder
+
+    src = imagenet.write_synthetic_imagenet(tmp_path / "src", num_synsets=2, per_class=2)
+    builders.sync_folder(src, f"{gcs}/src", last=())
+    local, remote = imagenet.list_images(src), imagenet.list_images(f"{gcs}/src")
+    assert local[0] == remote[0] and [r.name for r in local[1]] == [r.name for r in remote[1]]
+    assert [r.read() for r in local[1]] == [r.read() for r in remote[1]]
+    for synset in local[0]:  # a folder of per-synset tars, read by offsets
+        with tarfile.open(tmp_path / f"{synset}.tar", "w") as tar:
+            tar.add(tmp_path / "src" / synset, arcname=synset)
+        ckpt.copy_file(tmp_path / f"{synset}.tar", f"{gcs}/tars/{synset}.tar")
+    tars = imagenet.list_images(f"{gcs}/tars")
+    assert sorted(r.read() for r in tars[1]) == sorted(r.read() for r in local[1])
+
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    (vae / "config.json").write_text(json.dumps({"latent_channels": 4, "block_out_channels": [8, 16]}))
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.arange(6, dtype=np.float16)}, str(vae / "diffusion_pytorch_model.fp16.safetensors"))
+    builders.sync_folder(vae, f"{gcs}/vae", last=())
+    config, state = read_diffusers_folder(f"{gcs}/vae")
+    assert config == json.loads((vae / "config.json").read_text())
+    np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32))
+    assert imagenet.vae_fingerprint(f"{gcs}/vae") == imagenet.vae_fingerprint(vae)
