@@ -101,7 +101,7 @@ def evaluate_samples(
     mine = [c for c in range(jax.process_index(), chunks, jax.process_count())]
     for f in folders:
         (f / "chunks").mkdir(parents=True, exist_ok=True)
-    written = [{p.name for p in (f / "chunks").iterdir()} for f in folders]  # one listing per folder
+    written = [_names(f / "chunks") for f in folders]  # one listing per folder
     todo = [c for c in mine if not all(_chunk_path(f, c).name in w for f, w in zip(folders, written, strict=True))]
     t0, drawn = time.time(), 0
     for c in todo:
@@ -153,6 +153,14 @@ def evaluate_samples(
         )
     barrier("gmflow_evaluate_assembled")
     return rows
+
+
+def _names(folder: epath.Path) -> set[str]:
+    """The names in ``folder`` (none where it does not exist: an object store has no empty folders)."""
+    try:
+        return {p.name for p in folder.iterdir()}
+    except FileNotFoundError:
+        return set()
 
 
 def _chunk_path(folder: epath.Path, c: int) -> epath.Path:

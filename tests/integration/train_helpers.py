@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, restore
+from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, read_meta, restore, verify_step, workdir_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,6 +78,18 @@ def start(cmd: Sequence[str], *, devices: int = 1, log: Path | None = None) -> s
     """Starts a command in the background, its output going to ``log`` (or discarded)."""
     out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 - closed by the child's exit
     return subprocess.Popen(list(cmd), env=child_env(devices), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+
+def check_run(workdir: str, steps: list[int]) -> None:
+    """The workdir holds ``steps``, each matching its manifest, and the run's config, samples and events."""
+    root = workdir_path(workdir)
+    directory = root / CHECKPOINT_DIR
+    assert list_steps(directory) == steps
+    assert all(verify_step(directory, s) is None for s in steps)
+    assert read_meta(directory, steps[-1])["step"] == steps[-1]
+    assert (root / "config.json").exists() and (root / "samples" / "latest.png").exists()
+    assert any("tfevents" in p.name for p in (root / "tensorboard").iterdir())
+    assert not (root / "trainer.lock").exists()
 
 
 def checkpoint_steps(workdir: str | Path) -> list[int]:
