@@ -137,6 +137,21 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
         tmp.replace(path)
 
 
+def check_writable(folder: str | os.PathLike, what: str) -> epath.Path:
+    """``folder`` as ``workdir_path`` gives it, created if missing, after a test write; ``ValueError`` naming
+    ``what`` and the folder when it cannot be written (a missing bucket, no permission), before any work."""
+    path = workdir_path(folder)
+    probe = path / f".write_test.{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as e:  # gcsfs and the OS raise many types
+        hint = ": does the bucket exist, and may this account write to it?" if is_url(path) else ""
+        raise ValueError(f"{what} {path} cannot be written ({describe(e)}){hint}") from None
+    return path
+
+
 def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Copies one file between any two of local, ``file://`` and ``gs://`` (streamed), so that readers of ``dst``
     see the old file or the new one (locally through ``<name>.tmp<pid>`` and a rename)."""

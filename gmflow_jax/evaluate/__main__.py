@@ -49,6 +49,7 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"--guidance must be numbers separated by commas; got {FLAGS.guidance!r}.") from e
     setting = Setting(FLAGS.solver, FLAGS.order, FLAGS.num_steps, FLAGS.num_substeps, FLAGS.orthogonal, FLAGS.shift)
     solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, guidance)
+    checkpoint.check_writable(FLAGS.out, "--out")
     cli.initialize_multihost()
     sampler = Sampler.from_checkpoint(FLAGS.workdir)
     net, ref = scoring.prepare(

@@ -47,6 +47,7 @@ def main(argv: list[str]) -> None:
     if not FLAGS.out.endswith(".npz"):
         raise ValueError(f"--out must end in .npz; got {FLAGS.out!r}.")
     out = checkpoint.workdir_path(FLAGS.out)  # local, file:// or gs://; refused before sampling
+    checkpoint.check_writable(out.parent, "--out's folder")
     try:
         guidance_values = [float(v) for v in FLAGS.guidance]
     except ValueError as e:

@@ -340,3 +340,20 @@ def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
     assert config == json.loads((vae / "config.json").read_text())
     np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32))
     assert imagenet.vae_fingerprint(f"{gcs}/vae") == imagenet.vae_fingerprint(vae)
+
+
+def test_unwritable_output_folder_is_one_line_before_any_work(gcs, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(
+        ValueError, match=rf"--out {tmp_path}/a_file/eval cannot be written \((FileExistsError|NotADir)"
+    ):
+        ckpt.check_writable(tmp_path / "a_file" / "eval", "--out")
+    assert ckpt.check_writable(f"{gcs}/eval", "--out") == epath.Path(f"{gcs}/eval")
+    assert not list(epath.Path(gcs).glob("eval/*"))  # the test write is gone
+
+    def refused(self, *args, **kwargs):
+        raise FileNotFoundError("b/nobucket/o")
+
+    monkeypatch.setattr(FakeGCS, "open", refused)
+    with pytest.raises(ValueError, match=r"--out gs://bucket/run/x cannot be written .*does the bucket exist"):
+        ckpt.check_writable(f"{gcs}/x", "--out")
