@@ -11,6 +11,17 @@ program has no loops (no FSDP collective-matmul loops);
 otherwise the report says the figure is a lower bound. The sampler scans over its steps, so its
 FLOPs are those of one solver step (plus the one-off noise draw), which is what the solver's share
 is computed from.
+
+The predicted times come from the TPU compiler's own cost model: libtpu's ``cost_analysis()`` has
+``'optimal_seconds'``, its estimate of the program's run time (CPU and GPU compiles have none: the
+report says so). Its sum counts each custom call it cannot price (e.g. the eigh of the KR transport)
+as -1 s; those are added back, i.e. left out at 0 s, and named. It prices a loop body once too, so
+the FLOPs its count misses are priced apart. The sampler's are whole solver steps like the one
+counted: its estimate is scaled by steps run / steps counted. The train step's (with loops: FSDP's
+collective matmuls; the analytic FLOPs it runs, the model's and 4/3 of them with remat, minus the
+count) are matmul chunks of unknown speed: the prediction is a range, from pricing them at the
+chip's peak to pricing them at the counted program's average rate (docs/benchmarks.md compares it
+with a loop-free compile of the same per-chip work).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.sampling import sample_fn
 from gmflow_jax.sharding import make_mesh
-from gmflow_jax.utilization import Chip, chip_for, train_flops_per_example
+from gmflow_jax.utilization import Chip, chip_for, gmdit_forward_flops, train_flops_per_example
 
 GIB = 2.0**30
 
@@ -76,6 +87,11 @@ def topology_devices(topology: str) -> list[Any]:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
 
 
+# Custom calls the TPU cost model prices (XLA's gather/scatter helpers). It counts every other custom call (libtpu
+# 0.0.42.1: eigh, Cholesky, QR and LU blocks, triangular inverses, FSDP's ZeroCrop) as -1 s in 'optimal_seconds'.
+_PRICED_CUSTOM_CALLS = frozenset({"AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "AllocateBuffer"})
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
     """Per-device figures of one compiled function (bytes and FLOPs as XLA counts them)."""
@@ -87,12 +103,17 @@ class Compiled:
     code_bytes: int
     flops: float
     loops: int  # while loops in the program: XLA counts each body's FLOPs once
+    optimal_seconds: float | None = None  # the TPU compiler's run-time estimate as it gives it (s); None off TPU
+    unpriced: tuple[str, ...] = ()  # custom calls its cost model cannot price (targets, one entry per call)
 
     @classmethod
     def of(cls, compiled: Any) -> Compiled:
         mem = compiled.memory_analysis()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list | tuple) else cost
+        text = compiled.as_text()
+        unpriced = tuple(t for t in re.findall(r'custom_call_target="([^"]+)"', text) if t not in _PRICED_CUSTOM_CALLS)
+        seconds = cost.get("optimal_seconds")
         return cls(
             argument_bytes=int(mem.argument_size_in_bytes),
             output_bytes=int(mem.output_size_in_bytes),
@@ -100,8 +121,18 @@ class Compiled:
             temp_bytes=int(mem.temp_size_in_bytes),
             code_bytes=int(mem.generated_code_size_in_bytes),
             flops=float(cost.get("flops", 0.0)),
-            loops=len(re.findall(r"\swhile\(", compiled.as_text())),
+            loops=len(re.findall(r"\swhile\(", text)),
+            optimal_seconds=None if seconds is None else float(seconds),
+            unpriced=unpriced,
         )
+
+    @property
+    def estimated_seconds(self) -> float | None:
+        """The compiler's estimate with the ``unpriced`` ops left out (its sum counts each as -1 s; loop bodies
+        once): None without an estimate, or if that is not a positive time."""
+        if self.optimal_seconds is None or self.optimal_seconds + len(self.unpriced) <= 0:
+            return None
+        return self.optimal_seconds + len(self.unpriced)
 
     @property
     def total_bytes(self) -> int:
@@ -122,10 +153,39 @@ class StepReport:
     chip: Chip | None
     batch_size: int
     model_flops_per_example: float | None  # analytic (utilization.py); None if not counted
+    remat: bool = False  # blocks recomputed in the backward pass: the step runs 4/3 of the model FLOPs
 
     @property
     def fits(self) -> bool:
         return self.compiled.fits_on(self.chip)
+
+    @property
+    def uncounted_flops(self) -> float | None:
+        """FLOPs per device that XLA's count misses: 0 without loops; with loops the analytic FLOPs the step
+        executes (the model's, 4/3 of them with remat) minus the count (at least 0); None if not known."""
+        if not self.compiled.loops:
+            return 0.0
+        if self.model_flops_per_device is None:
+            return None
+        return max(0.0, self.model_flops_per_device * (4 / 3 if self.remat else 1.0) - self.compiled.flops)
+
+    @property
+    def predicted_seconds(self) -> tuple[float, float] | None:
+        """Step time (s) by the TPU compiler's cost model as (fast, slow): its estimate plus the uncounted FLOPs
+        priced at the chip's peak, and at the counted program's average rate; one value twice without loops."""
+        t, missing = self.compiled.estimated_seconds, self.uncounted_flops
+        if t is None or missing is None or self.chip is None or not self.compiled.flops:
+            return None
+        return t + missing / (self.chip.peak_tflops * 1e12), t * (1 + missing / self.compiled.flops)
+
+    @property
+    def predicted_mfu(self) -> tuple[float, float] | None:
+        """Model FLOPs over ``predicted_seconds`` (fast, slow) at the chip's bf16 peak (fractions)."""
+        if self.predicted_seconds is None or self.model_flops_per_device is None:
+            return None
+        peak = self.chip.peak_tflops * 1e12
+        fast, slow = self.predicted_seconds
+        return self.model_flops_per_device / (fast * peak), self.model_flops_per_device / (slow * peak)
 
     @property
     def model_flops_per_device(self) -> float | None:
@@ -150,6 +210,36 @@ class SamplerReport:
     num_devices: int
     chip: Chip | None
     batch_size: int
+    num_steps: int = 1  # solver steps of one sampler call (network evaluations: × network_calls_per_step)
+    forward_flops_per_example: float | None = None  # analytic network forward of one image (utilization.py)
+
+    @property
+    def counted_steps(self) -> int:
+        """Solver steps in XLA's count: 1 when the step scan is a loop (its body counted once), more when XLA
+        unrolled it; from the counted FLOPs over those of the network evaluations of one step."""
+        per_step = self.network.flops * self.network_calls_per_step
+        return max(1, round(self.compiled.flops / per_step)) if per_step else 1
+
+    @property
+    def loop_factor(self) -> float:
+        """Executed / counted FLOPs of a sampler call: solver steps run over solver steps counted."""
+        return self.num_steps / self.counted_steps
+
+    @property
+    def predicted_seconds(self) -> float | None:
+        """Time (s) of one sampler call by the TPU compiler's cost model, scaled by ``loop_factor``; None off TPU."""
+        if self.compiled.estimated_seconds is None:
+            return None
+        return self.compiled.estimated_seconds * self.loop_factor
+
+    @property
+    def predicted_mfu(self) -> float | None:
+        """Analytic network FLOPs of a call (steps × evaluations × forward) over ``predicted_seconds`` at peak."""
+        t = self.predicted_seconds
+        if t is None or self.chip is None or self.forward_flops_per_example is None:
+            return None
+        flops = self.num_steps * self.network_calls_per_step * self.forward_flops_per_example * self.batch_size
+        return flops / self.num_devices / (t * self.chip.peak_tflops * 1e12)
 
     @property
     def solver_flop_share(self) -> float:
@@ -179,8 +269,9 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
     setup = setup_state(config, mesh)
     batch = abstract_batch(config, mesh)
     compiled = _compile(jit_train_step(config, setup, mesh).lower(setup.abstract, batch), "train step", STEP_LEVERS)
-    n = int(config.batch_size)
-    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, train_flops_per_example(config.model))
+    n, remat = int(config.batch_size), bool(config.model.get("remat", False))
+    flops = train_flops_per_example(config.model)
+    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, remat)
 
 
 def _patch_embedding_rows(jaxpr: Any, kernel_shape: tuple[int, ...]) -> int:
@@ -238,7 +329,10 @@ def compile_sampler(
     kernel = tuple(params["net"]["patch_embed"]["kernel"].shape)
     tokens = shape[0] * shape[1] // (kernel[0] // shape[2])  # the kernel is (patch² · C, D)
     calls = _patch_embedding_rows(jax.make_jaxpr(run)(*args).jaxpr, kernel) / (n * tokens)
-    return SamplerReport(Compiled.of(sampler), Compiled.of(network), calls, len(devices), _chip(devices), n)
+    forward = gmdit_forward_flops(config.model)
+    return SamplerReport(
+        Compiled.of(sampler), Compiled.of(network), calls, len(devices), _chip(devices), n, num_steps, forward
+    )
 
 
 # --- the report -------------------------------------------------------------------------
@@ -296,7 +390,7 @@ def _memory_lines(c: Compiled, chip: Chip | None) -> list[str]:
 
 
 def step_report_lines(r: StepReport) -> list[str]:
-    """The train step's report: memory against the chip, compiled and model FLOPs, the MFU projections."""
+    """The train step's report: memory against the chip, compiled and model FLOPs, the predicted time, the bracket."""
     per_device = r.batch_size // r.num_devices
     lines = [f"train step, batch {r.batch_size} ({per_device} per device):", *_memory_lines(r.compiled, r.chip)]
     flop = f"  FLOP per device per step: compiled {r.compiled.flops:.3e}"
@@ -311,25 +405,86 @@ def step_report_lines(r: StepReport) -> list[str]:
             f"  (the program has {r.compiled.loops} loops, e.g. FSDP's all-gathers fused with matmuls, and XLA counts "
             "a loop body once: the compiled figure is a lower bound)"
         )
+    note = ""
+    if r.compiled.loops and r.compiled.estimated_seconds is not None:
+        note = f"{_ms(r.compiled.estimated_seconds)} with loop bodies counted once, " + (
+            "a lower bound"
+            if r.uncounted_flops is None
+            else f"+ the {r.uncounted_flops:.2e} FLOPs it misses, at peak (fast) or at its average rate (slow)"
+        )
+    lines.append(predicted_line(r.compiled, r.predicted_seconds, r.predicted_mfu, r.batch_size, "per step", note))
     if r.chip is not None and r.model_flops_per_device is not None:
-        at = []
-        for mfu in (0.4, 0.6):
-            seconds = r.step_seconds_at(mfu)
-            at.append(f"MFU {100 * mfu:.0f} %: {seconds:.3f} s per step, {r.batch_size / seconds:,.0f} images/s")
-        lines.append(f"  at {r.chip.peak_tflops:g} TFLOP/s peak (bf16): " + "; ".join(at))
+        t40, t60 = r.step_seconds_at(0.4), r.step_seconds_at(0.6)
+        lines.append(
+            f"  bracket: at 40 % / 60 % MFU of {r.chip.peak_tflops:g} TFLOP/s (bf16 peak): {_ms(t40)} / {_ms(t60)} "
+            f"per step, {r.batch_size / t40:,.0f} / {r.batch_size / t60:,.0f} images/s"
+        )
     return lines
 
 
 def sampler_report_lines(r: SamplerReport, description: str) -> list[str]:
-    """The sampler's report: memory, FLOPs per solver step, the GM solver's share of them."""
+    """The sampler's report: memory, FLOPs per solver step, the GM solver's share of them, the predicted time."""
     net = r.network.flops * r.network_calls_per_step
+    note = ""
+    if r.compiled.estimated_seconds is not None and r.loop_factor != 1:
+        counted = f"{r.counted_steps} solver step{'s' if r.counted_steps > 1 else ''}"
+        note = f"{_ms(r.compiled.estimated_seconds)} for the {counted} it counts, × {r.loop_factor:g}"
+        note += f" for all {r.num_steps}"
     return [
         f"sampler {description}, batch {r.batch_size} ({r.batch_size // r.num_devices} per device):",
         *_memory_lines(r.compiled, r.chip),
         f"  FLOP per device per solver step: compiled {r.compiled.flops:.3e}; network "
         f"{r.network_calls_per_step:g} × {r.network.flops:.3e} = {net:.3e}; "
         f"GM solver share {100 * r.solver_flop_share:.2f} %",
+        predicted_line(
+            r.compiled, _twice(r.predicted_seconds), _twice(r.predicted_mfu), r.batch_size, "per sampler call", note
+        ),
     ]
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.1f} ms" if seconds >= 0.01 else f"{1e3 * seconds:.3g} ms"
+
+
+NO_ESTIMATE = "no estimate (the compiler's cost analysis has no 'optimal_seconds': only TPU compiles have one)"
+
+
+def _twice(x: float | None) -> tuple[float, float] | None:
+    return None if x is None else (x, x)
+
+
+def _span(lo: str, hi: str) -> str:
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def predicted_line(
+    c: Compiled,
+    seconds: tuple[float, float] | None,
+    mfu: tuple[float, float] | None,
+    images: int,
+    per: str,
+    note: str,
+) -> str:
+    """``  predicted: <ms> <per>, <images/s>, MFU <%> (the TPU compiler's cost model[: note][; left out: ...])``,
+    each number a range ``fast–slow`` where loops leave it open, or why there is no estimate."""
+    if c.optimal_seconds is None:
+        return f"  predicted: {NO_ESTIMATE}"
+    if seconds is None:
+        return (
+            f"  predicted: no estimate (the TPU compiler's estimate, {c.optimal_seconds:.3g} s with {len(c.unpriced)} "
+            "ops it cannot price, is not a time, or the chip or FLOPs are not known)"
+        )
+    fast, slow = seconds
+    source = "the TPU compiler's cost model" + (f": {note}" if note else "")
+    if c.unpriced:
+        kinds = ", ".join(f"{t} × {c.unpriced.count(t)}" for t in sorted(set(c.unpriced)))
+        source += f"; left out: {len(c.unpriced)} custom call(s) it cannot price: {kinds}"
+    share = "MFU unknown (chip or model FLOPs not known)"
+    if mfu is not None:
+        share = f"MFU {_span(f'{100 * mfu[1]:.1f}', f'{100 * mfu[0]:.1f}')} %"
+    time = _span(_ms(fast).removesuffix(" ms"), _ms(slow).removesuffix(" ms"))
+    rate = _span(f"{images / slow:,.0f}", f"{images / fast:,.0f}")
+    return f"  predicted: {time} ms {per}, {rate} images/s, {share} ({source})"
 
 
 def check_fits(r: StepReport | SamplerReport, what: str, levers: str) -> None:

@@ -5,8 +5,9 @@
 
 Needs libtpu (``pip install 'gmflow_jax[tpu]'`` or ``-r requirements-test.txt``), not a TPU: the
 compile runs on this machine's CPU. Prints per-device memory against the chip's HBM, compiled and
-analytic model FLOPs, and the step time and images/s at 40 % and 60 % MFU; exits 1 with one line
-naming the shortfall when the step does not fit.
+analytic model FLOPs, the step (and sampler call) time, images/s and MFU predicted by the TPU
+compiler's cost model, and a bracket at 40 % / 60 % MFU; exits 1 with one line naming the shortfall
+when the step does not fit.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,12 @@ def test_train_step_report(devices):
         assert r.compiled.alias_bytes >= state  # the state is donated: the new one lives in its buffers
         assert r.compiled.flops >= r.model_flops_per_device > 0  # backward and optimizer on top of the model
         assert r.step_seconds_at(0.5) == pytest.approx(r.model_flops_per_device / (0.5 * 459e12))
+        # the KR transport's eigh (and FSDP's ZeroCrop): custom calls the cost model sums as -1 s each
+        assert "EighTpu" in r.compiled.unpriced
+        assert r.compiled.optimal_seconds < 0 < r.compiled.estimated_seconds < 1e-3
+        assert r.compiled.loops == 0 and r.predicted_seconds == (r.compiled.estimated_seconds,) * 2  # no range
+        mfu = r.model_flops_per_device / (r.compiled.estimated_seconds * 459e12)
+        assert r.predicted_mfu == pytest.approx((mfu, mfu))
     # FSDP splits the parameters and optimizer state over the devices
     assert state_bytes_per_device(fsdp, devices) < state_bytes_per_device(replicated, devices) / 2
 
@@ -94,6 +101,11 @@ def test_sampler_report(devices):
     plain = aot.compile_sampler(config, devices, batch_per_device=2, num_steps=4, guided=False)
     assert plain.network_calls_per_step == 1.0
     assert plain.compiled.flops < guided.compiled.flops
+    # the step scan is a loop whose body XLA counts once: the predicted call is 4 of the counted steps
+    assert guided.compiled.loops >= 1 and guided.counted_steps == 1 and guided.loop_factor == 4
+    assert guided.predicted_seconds == pytest.approx(4 * guided.compiled.estimated_seconds)
+    flops = 4 * 2 * guided.forward_flops_per_example * 8 / 4  # steps × evaluations × forward × batch / devices
+    assert guided.predicted_mfu == pytest.approx(flops / (guided.predicted_seconds * 459e12))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -110,9 +122,12 @@ def test_cli_report():
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "4 × TPU v5" in out
-    for word in ("HBM total", "FLOP per device per step", "MFU 40 %", "MFU 60 %", "GM solver share"):
+    for word in ("HBM total", "FLOP per device per step", "bracket: at 40 % / 60 % MFU", "GM solver share"):
         assert word in out, out
     assert "fits" in out and "DOES NOT FIT" not in out
+    number = r"[\d.e-]+ ms {}, [\d,]+ images/s, MFU [\d.]+ % \(the TPU compiler's cost model"  # no loops: no range
+    assert re.search(r"^  predicted: " + number.format("per step"), out, re.M), out
+    assert re.search(r"^  predicted: " + number.format("per sampler call") + r": .* × 8 for all 8\)$", out, re.M), out
 
 
 def test_cli_step_that_does_not_fit():
@@ -139,3 +154,80 @@ def test_loops_are_counted(devices):
     one, eight = (aot.Compiled.of(power(n).lower(x).compile()) for n in (1, 8))
     assert one.loops == 0 and eight.loops >= 1
     assert eight.flops < 2 * one.flops  # the body's matmul counted once, not eight times
+
+
+def one_device(devices):
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return NamedSharding(Mesh(np.asarray(devices[:1]), ("d",)), P())
+
+
+def test_predicted_matmul_is_no_faster_than_peak(devices):
+    import jax.numpy as jnp
+
+    n = 4096
+    x = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=one_device(devices))
+    c = aot.Compiled.of(jax.jit(lambda a, b: a @ b).lower(x, x).compile())
+    peak = 2 * n**3 / 459e12  # v5p bf16
+    assert peak <= c.estimated_seconds < 2 * peak and c.unpriced == ()
+
+
+def test_predicted_time_counts_every_loop_iteration(devices):
+    # XLA's cost model counts a scan's body once; scaled by executed / counted FLOPs, a scan of N matmul
+    # layers is priced as the same N layers unrolled (loop-free, so priced in full by the compiler)
+    import jax.numpy as jnp
+
+    n, layers = 1024, 4
+    x = jax.ShapeDtypeStruct((n, n), jnp.bfloat16, sharding=one_device(devices))
+    w = jax.ShapeDtypeStruct((layers, n, n), jnp.bfloat16, sharding=one_device(devices))
+
+    def scanned(x, w):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), x, w)[0]
+
+    def unrolled(x, w):
+        for i in range(layers):
+            x = jnp.tanh(x @ w[i])
+        return x
+
+    scan, flat = (aot.Compiled.of(jax.jit(f).lower(x, w).compile()) for f in (scanned, unrolled))
+    assert scan.loops == 1 and flat.loops == 0
+    assert scan.estimated_seconds < 0.5 * flat.estimated_seconds  # the body priced once
+    # as a "train step" whose analytic model FLOPs are the N matmuls (1 device, batch 1): the FLOPs the count
+    # misses priced at peak (fast) and at the counted program's rate (slow: the body's, as they are its copies)
+    r = aot.StepReport(scan, 1, CHIPS["v5p"], 1, layers * 2 * n**3)
+    assert r.uncounted_flops == pytest.approx((layers - 1) * 2 * n**3, rel=0.01)
+    fast, slow = r.predicted_seconds
+    assert fast == pytest.approx(scan.estimated_seconds + r.uncounted_flops / 459e12)
+    assert fast < slow == pytest.approx(flat.estimated_seconds, rel=0.1)
+    line = next(line for line in aot.step_report_lines(r) if "predicted" in line)
+    assert re.match(r"  predicted: [\d.e-]+–[\d.e-]+ ms per step, [\d,]+–[\d,]+ images/s, MFU [\d.]+–[\d.]+ % ", line)
+
+
+def test_unpriced_custom_calls_are_left_out(devices):
+    # the cost model sums an eigh (a custom call it cannot price) as -1 s
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((1024, 1024), jnp.bfloat16, sharding=one_device(devices))
+    m = jax.ShapeDtypeStruct((8, 4, 4), jnp.float32, sharding=one_device(devices))
+    both = aot.Compiled.of(jax.jit(lambda m, x: (jnp.linalg.eigh(m)[0], x @ x)).lower(m, x).compile())
+    matmul = aot.Compiled.of(jax.jit(lambda x: x @ x).lower(x).compile())
+    assert both.unpriced == ("EighTpu",) and both.optimal_seconds < 0
+    assert both.estimated_seconds == pytest.approx(matmul.estimated_seconds, rel=0.1)
+
+
+def test_no_estimate_off_tpu():
+    # a CPU compile has no 'optimal_seconds': the report says so instead of a number
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+    c = aot.Compiled.of(jax.jit(lambda a: a @ a).lower(x).compile())
+    assert c.optimal_seconds is None and c.estimated_seconds is None
+    r = aot.StepReport(c, 1, CHIPS["v5p"], 8, 1e9)
+    assert r.predicted_seconds is None and r.predicted_mfu is None
+    lines = aot.step_report_lines(r)
+    assert "  predicted: no estimate (the compiler's cost analysis has no 'optimal_seconds'" in "\n".join(lines)
+    assert any(line.startswith("  bracket: at 40 % / 60 % MFU") for line in lines)
+    sampler = aot.SamplerReport(c, c, 2.0, 1, CHIPS["v5p"], 8, num_steps=4, forward_flops_per_example=1e9)
+    assert sampler.predicted_seconds is None
+    assert aot.sampler_report_lines(sampler, "gm-ode")[-1].startswith("  predicted: no estimate (")
