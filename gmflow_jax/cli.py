@@ -5,16 +5,77 @@
 override or a config file that does not load; one such line (exit 1) for the errors a user can fix
 (``expected``: bad values, missing or damaged checkpoints, ...); the full traceback only with
 ``--verbose``. Unexpected exceptions (bugs) always show their traceback.
+
+Importing it sets ``JAX_PLATFORMS`` on a machine without TPU device files, unless the user set it
+(``skip_tpu_probe``): JAX would otherwise load libtpu (a test dependency) to look for a TPU, and libtpu
+prints "could not determine TPU accelerator type" and an ``E0000 ... unexpected worker hostname`` error.
 """
 
 from __future__ import annotations
 
+import glob
+import importlib.metadata
+import importlib.util
 import logging as py_logging
+import os
+import pkgutil
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 
 from absl import app, flags
+
+
+def _cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin is installed (JAX finds plugins in ``jax_plugins`` or by entry point)."""
+    spec = importlib.util.find_spec("jax_plugins")
+    names = [m.name for m in pkgutil.iter_modules(spec.submodule_search_locations or [])] if spec else []
+    names += [e.name for e in importlib.metadata.entry_points(group="jax_plugins")]
+    return any("cuda" in name for name in names)
+
+
+def platforms_without_tpu(root: str = "/") -> str | None:
+    """``JAX_PLATFORMS`` for this machine if it has no TPU, else None (JAX's own choice).
+
+    A TPU is taken to be there if any of its device files is (v2-v4: ``/dev/accel*``; v5e, v5p, v6e:
+    ``/dev/vfio/*``) or a Google PCI device other than the gVNIC NIC and NVMe disk (JAX counts TPUs there). Without
+    one: ``'cpu'``, or ``'cuda,cpu'`` with NVIDIA devices and JAX's CUDA plugin; None with other GPUs (AMD,
+    WSL) or NVIDIA devices without the plugin (JAX then says so).
+    """
+
+    def found(*patterns: str) -> bool:
+        return any(glob.glob(os.path.join(root, p)) for p in patterns)
+
+    def read(path: str) -> str:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+
+    if found("dev/accel*", "dev/vfio/*"):
+        return None
+    for device in glob.glob(os.path.join(root, "sys/bus/pci/devices/*")):
+        if read(f"{device}/vendor") == "0x1ae0" and read(f"{device}/device") not in ("0x0042", "0x001f"):
+            return None
+    if found("dev/kfd", "dev/dxg"):
+        return None
+    if found("dev/nvidia[0-9]*", "dev/nvidiactl"):
+        return "cuda,cpu" if _cuda_plugin_installed() else None
+    return "cpu"
+
+
+def skip_tpu_probe() -> None:
+    """Sets ``JAX_PLATFORMS`` to ``platforms_without_tpu()`` unless the user set it (even to ''), so that JAX
+    does not load libtpu to probe for a TPU that is not there; before JAX's backends start (idempotent)."""
+    if "JAX_PLATFORMS" in os.environ or (platforms := platforms_without_tpu()) is None:
+        return
+    os.environ["JAX_PLATFORMS"] = platforms
+    if "jax" in sys.modules:  # imported before us (JAX read the variable then): tell its config
+        sys.modules["jax"].config.update("jax_platforms", platforms)
+
+
+skip_tpu_probe()
 
 _QUIET_PATHS = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)  # "Unable to initialize backend 'tpu'" on every CPU/GPU run
