@@ -33,7 +33,7 @@ lint: install-test
 	$(VENV)/bin/shellcheck launch/*.sh launch/*.sbatch
 
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache

@@ -138,14 +138,18 @@ def write_atomic(path: epath.Path, data: str | bytes) -> None:
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> epath.Path:
-    """``folder`` as ``workdir_path`` gives it, created if missing, after a test write; ``ValueError`` naming
-    ``what`` and the folder when it cannot be written (a missing bucket, no permission), before any work."""
+    """``folder`` as ``workdir_path`` gives it, after a test write (that leaves nothing behind: folders it made
+    are removed again); ``ValueError`` naming ``what`` and the folder when it cannot be written (a missing
+    bucket, no permission), before any work."""
     path = workdir_path(folder)
     probe = path / f".write_test.{os.getpid()}"
+    made = None if is_url(path) else next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
         probe.unlink()
+        if made is not None:
+            made.rmtree()
     except Exception as e:  # gcsfs and the OS raise many types
         hint = ": does the bucket exist, and may this account write to it?" if is_url(path) else ""
         raise ValueError(f"{what} {path} cannot be written ({describe(e)}){hint}") from None

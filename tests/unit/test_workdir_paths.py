@@ -348,6 +348,8 @@ def test_unwritable_output_folder_is_one_line_before_any_work(gcs, tmp_path, mon
         ValueError, match=rf"--out {tmp_path}/a_file/eval cannot be written \((FileExistsError|NotADir)"
     ):
         ckpt.check_writable(tmp_path / "a_file" / "eval", "--out")
+    assert ckpt.check_writable(tmp_path / "new" / "eval", "--out") == epath.Path(tmp_path / "new" / "eval")
+    assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing left behind
     assert ckpt.check_writable(f"{gcs}/eval", "--out") == epath.Path(f"{gcs}/eval")
     assert not list(epath.Path(gcs).glob("eval/*"))  # the test write is gone
 
