@@ -34,9 +34,12 @@ def print_result(result: dict) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def run_case_subprocess(cmd: list[str], name: str) -> dict:
-    """Runs one benchmark case in its own process (its peak RSS is its own) and returns its RESULT dict."""
-    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+def run_case_subprocess(cmd: list[str], name: str, env: dict[str, str] | None = None) -> dict:
+    """Runs one benchmark case in its own process (its peak RSS is its own) and returns its RESULT dict.
+
+    ``env``: environment variables set for it on top of this process's.
+    """
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu"), **(env or {})}
     out = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=False)
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if out.returncode or line is None:

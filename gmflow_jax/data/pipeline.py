@@ -29,6 +29,7 @@ records per epoch; with infinite repeat every record of this process's shard is 
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import threading
@@ -45,13 +46,63 @@ from jax.sharding import PartitionSpec as P
 Batch = dict[str, Any]
 
 
-class _ToArrays(grain.transforms.Map):
-    """Record -> ``{'image': float32 array, 'label': int32 scalar}``."""
+class _Keys:
+    """What grain samples and batches: record ``i`` of ``source`` is the key ``i``; ``_ReadBatch`` reads it.
 
-    def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    ``repr`` is grain's description of ``source`` itself, which grain checks a restored state against.
+    """
+
+    def __init__(self, source: Sequence[Any]) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int) -> int:
+        return key
+
+    def __repr__(self) -> str:
+        if isinstance(self.source, list | tuple | np.ndarray):
+            return str(type(self.source))
+        return repr(self.source)
+
+
+class _ReadBatch:
+    """grain batch function: ``B`` record keys -> ``{'image': (B, ...) float32, 'label': (B,) int32}``.
+
+    Reads the records with one ``source.__getitems__`` call (else ``source[k]`` each), split into
+    ``threads`` contiguous parts read in parallel (the array_record reader releases the GIL) when
+    ``threads > 1``. Per record the same values as ``np.asarray(image, float32)`` / ``np.asarray(label,
+    int32)`` stacked.
+    """
+
+    def __init__(self, source: Sequence[Any], threads: int) -> None:
+        self.source = source
+        self.threads = threads
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to grain's worker processes without the pool
+        return {**self.__dict__, "_pool": None}
+
+    def _read(self, keys: list[int]) -> Sequence[dict[str, Any]]:
+        if hasattr(self.source, "__getitems__"):
+            return self.source.__getitems__(keys)
+        return [self.source[k] for k in keys]
+
+    def __call__(self, keys: Sequence[int]) -> dict[str, np.ndarray]:
+        keys = [int(k) for k in keys]
+        parts = min(self.threads, len(keys))
+        if parts > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="gmflow-read")
+            bounds = np.linspace(0, len(keys), parts + 1).astype(int)
+            chunks = [keys[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            records = [r for part in self._pool.map(self._read, chunks) for r in part]
+        else:
+            records = self._read(keys)
         return {
-            "image": np.asarray(element["image"], dtype=np.float32),
-            "label": np.asarray(element["label"], dtype=np.int32),
+            "image": np.stack([np.asarray(r["image"], dtype=np.float32) for r in records]),
+            "label": np.asarray([r["label"] for r in records], dtype=np.int32),
         }
 
 
@@ -77,19 +128,25 @@ def make_loader(
     worker_buffer_size: int = 1,
     read_threads: int = 16,
 ) -> grain.DataLoader:
-    """The host-side grain ``DataLoader`` of this process: yields ``{'image', 'label'}`` numpy batches."""
+    """The host-side grain ``DataLoader`` of this process: yields ``{'image', 'label'}`` numpy batches.
+
+    grain samples, shards, batches and deals to its workers the record keys; each batch of keys is
+    then read at once (``_ReadBatch``, ``read_threads`` threads), not record by record in grain's
+    per-record thread pool: the same batches at a fraction of grain's per-record cost.
+    """
     shard = grain.sharding.ShardOptions(shard_index=process_index, shard_count=process_count, drop_remainder=False)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard, shuffle=shuffle, num_epochs=num_epochs, seed=seed
     )
+    read = _ReadBatch(source, read_threads)
     return grain.DataLoader(
-        data_source=source,
+        data_source=_Keys(source),
         sampler=sampler,
-        operations=[_ToArrays(), grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True)],
+        operations=[grain.transforms.Batch(batch_size=local_batch_size, drop_remainder=True, batch_fn=read)],
         worker_count=worker_count,
         worker_buffer_size=worker_buffer_size,
         shard_options=shard,
-        read_options=grain.ReadOptions(num_threads=read_threads),
+        read_options=grain.ReadOptions(num_threads=0),
     )
 
 
@@ -243,7 +300,7 @@ def make_iterator(
         ``jax.process_count()``. Set explicitly to simulate hosts (only without a mesh).
       num_epochs: ``None`` repeats forever; otherwise stops after that many epochs of records.
       worker_count: grain multiprocessing workers (0: in-process).
-      read_threads: grain's reader threads per process (0 for in-memory sources).
+      read_threads: threads that read parts of a batch in parallel (0 or 1: one; in-memory sources: 0).
       prefetch: batches kept ready by a background thread (0: none).
     """
     if isinstance(source, str):
