@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
 from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path
 
@@ -173,22 +175,52 @@ def default_cache_dir() -> str:
     return os.environ.get("GMFLOW_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmflow_jax")
 
 
+SYNC_MANIFEST = ".copied_from.json"  # in a copy: {file: [size, mtime] of the source file it was copied from}
+
+
+def _stamp(path: epath.Path) -> list[float]:
+    """``[size, mtime]`` of a file (locally through ``os.stat``: epath's also looks up the owner)."""
+    if is_url(path):
+        st = path.stat()
+        return [st.length, st.mtime]
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime]
+
+
+def _write_manifest(dst: epath.Path, copied: dict[str, list[float]]) -> None:
+    """Writes ``dst/.copied_from.json`` (through a file of this process: several may copy into one folder)."""
+    path = dst / SYNC_MANIFEST
+    tmp = path if is_url(path) else dst / f"{SYNC_MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(copied))
+    if tmp != path:
+        tmp.replace(path)
+
+
 def sync_folder(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ("dataset_info.json",)) -> int:
-    """Copies the files of folder ``src`` that are missing in ``dst`` or differ in size (local, ``file://`` or
-    ``gs://``, either way), those named in ``last`` after all others (TFDS takes a dataset for complete once its
-    ``dataset_info.json`` is there, so a copy cut short is never read as a dataset); logs GB/s and ETA; returns
-    the bytes copied. A rerun after a kill copies only what is missing."""
-    sizes = file_sizes(src)
-    have = file_sizes(dst) if workdir_path(dst).exists() else {}
-    todo = sorted((r for r, n in sizes.items() if have.get(r) != n), key=lambda r: (os.path.basename(r) in last, r))
-    total, done, t0, last = sum(sizes[r] for r in todo), 0, time.monotonic(), 0.0
+    """Copies the files of folder ``src`` to ``dst`` (local, ``file://`` or ``gs://``, either way) that are missing
+    there, differ in size, or changed in ``src`` since they were copied (``dst/.copied_from.json`` keeps each
+    source file's size and time); those named in ``last`` after all others (TFDS takes a dataset for complete
+    once its ``dataset_info.json`` is there, so a copy cut short is never read as a dataset); logs GB/s and ETA;
+    returns the bytes copied. A rerun after a kill copies only what is missing; after a rebuild, what changed."""
+    src, dst = workdir_path(src), workdir_path(dst)
+    sizes = {r: n for r, n in file_sizes(src).items() if r != SYNC_MANIFEST}
+    have = file_sizes(dst) if dst.exists() else {}
+    copied = json.loads((dst / SYNC_MANIFEST).read_text()) if SYNC_MANIFEST in have else {}
+    stamps = {r: _stamp(src / r) for r in sizes}
+    todo = [r for r in sizes if have.get(r) != sizes[r] or copied.get(r) != stamps[r]]
+    todo.sort(key=lambda r: (os.path.basename(r) in last, r))
+    total, done, t0, shown = sum(sizes[r] for r in todo), 0, time.monotonic(), 0.0
     for n, rel in enumerate(todo):
-        (workdir_path(dst) / rel).parent.mkdir(parents=True, exist_ok=True)
-        copy_file(workdir_path(src) / rel, workdir_path(dst) / rel)
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        copied.pop(rel, None)
+        _write_manifest(dst, copied)  # forget it first: a kill mid-copy re-copies it
+        copy_file(src / rel, dst / rel)
+        copied[rel] = stamps[rel]
+        _write_manifest(dst, copied)
         done += sizes[rel]
         elapsed = time.monotonic() - t0
-        if elapsed - last > 30 or n + 1 == len(todo):
-            last, rate = elapsed, done / max(elapsed, 1e-9)
+        if elapsed - shown > 30 or n + 1 == len(todo):
+            shown, rate = elapsed, done / max(elapsed, 1e-9)
             log.info("copying %s to %s: %d/%d files, %.2f/%.2f GB, %.0f MB/s, ETA %.0f s", src, dst, n + 1,
                      len(todo), done / 1e9, total / 1e9, rate / 1e6, (total - done) / max(rate, 1.0))  # fmt: skip
     return total

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import fsspec
 import jax.numpy as jnp
@@ -113,6 +114,10 @@ class FakeGCS(MemoryFileSystem):
 
     def mkdir(self, path, create_parents=True, **kwargs):
         pass
+
+    def info(self, path, **kwargs):  # GCS reports when an object was written (gcsfs: mtime)
+        out = super().info(path, **kwargs)
+        return {**out, "mtime": out["created"]} if "created" in out else out
 
     def makedirs(self, path, exist_ok=False):
         pass
@@ -286,11 +291,18 @@ def test_dataset_copies_complete_files_and_its_info_last(gcs, tmp_path, monkeypa
     local = builders.stage("ds", f"{gcs}/data")
     assert local == str(tmp_path / "cache" / "datasets" / "bucket" / "run" / "data")
     assert order[-1] == "dataset_info.json" and len(order) == 4  # a copy cut short is no dataset
-    assert ckpt.file_sizes(f"{local}/ds") == ckpt.file_sizes(f"{gcs}/data/ds")
+    copied = {k: v for k, v in ckpt.file_sizes(f"{local}/ds").items() if k != builders.SYNC_MANIFEST}
+    assert copied == ckpt.file_sizes(f"{gcs}/data/ds")
     (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/features.json").write_bytes(b"zz")  # cut short
     order.clear()
     builders.stage("ds", f"{gcs}/data")
     assert order == ["features.json"]  # a rerun copies only what is missing or differs
+    time.sleep(1.1)  # object stores give times in seconds
+    epath.Path(f"{gcs}/data/ds/1.0.0/dataset_info.json").write_bytes(b"new")  # rebuilt: same size, new content
+    order.clear()
+    builders.stage("ds", f"{gcs}/data")
+    assert order == ["dataset_info.json"]
+    assert (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/dataset_info.json").read_bytes() == b"new"
 
 
 def test_evaluation_metrics_and_plots_on_an_object_store(gcs):
