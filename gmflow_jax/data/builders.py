@@ -234,8 +234,9 @@ def local_data_dir(data_dir: str | os.PathLike) -> str:
 
 
 def stage(dataset: str, data_dir: str | os.PathLike) -> str:
-    """The local data dir holding a copy of ``<data_dir>/<dataset>`` from an object store (array_record reads local
-    files only): ``<cache>/datasets/<bucket>/<path>`` (``default_cache_dir``), brought up to date file by file."""
+    """The local data dir holding a copy of ``<data_dir>/<dataset>`` from an object store (array_record would read
+    it in place at one request per random record): ``<cache>/datasets/<bucket>/<path>`` (``default_cache_dir``),
+    brought up to date file by file."""
     url, local = workdir_path(data_dir), local_data_dir(data_dir)
     if (url / dataset).exists():
         copied = sync_folder(url / dataset, os.path.join(local, dataset))
