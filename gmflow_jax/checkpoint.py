@@ -126,9 +126,9 @@ def is_url(path: str | os.PathLike) -> bool:
 
 
 def write_atomic(path: epath.Path, data: str | bytes) -> None:
-    """Writes ``path`` so that readers see the old file or the new one: locally through ``<path>.tmp`` and a
-    replace; on an object store in one upload (all-or-nothing there)."""
-    tmp = path if is_url(path) else path.parent / f"{path.name}.tmp"
+    """Writes ``path`` so that readers see the old file or the new one: locally through ``<path>.tmp<pid>`` (several
+    processes may write one file) and a replace; on an object store in one upload (all-or-nothing there)."""
+    tmp = path if is_url(path) else path.parent / f"{path.name}.tmp{os.getpid()}"
     if isinstance(data, str):
         tmp.write_text(data)
     else:

@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path
+from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path, write_atomic
 
 CHECKERBOARD_SIZE = 1 << 20
 CHECKERBOARD_SEED = 0
@@ -187,15 +187,6 @@ def _stamp(path: epath.Path) -> list[float]:
     return [st.st_size, st.st_mtime]
 
 
-def _write_manifest(dst: epath.Path, copied: dict[str, list[float]]) -> None:
-    """Writes ``dst/.copied_from.json`` (through a file of this process: several may copy into one folder)."""
-    path = dst / SYNC_MANIFEST
-    tmp = path if is_url(path) else dst / f"{SYNC_MANIFEST}.{os.getpid()}"
-    tmp.write_text(json.dumps(copied))
-    if tmp != path:
-        tmp.replace(path)
-
-
 def sync_folder(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ("dataset_info.json",)) -> int:
     """Copies the files of folder ``src`` to ``dst`` (local, ``file://`` or ``gs://``, either way) that are missing
     there, differ in size, or changed in ``src`` since they were copied (``dst/.copied_from.json`` keeps each
@@ -213,10 +204,10 @@ def sync_folder(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str,
     for n, rel in enumerate(todo):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         copied.pop(rel, None)
-        _write_manifest(dst, copied)  # forget it first: a kill mid-copy re-copies it
+        write_atomic(dst / SYNC_MANIFEST, json.dumps(copied))  # forget it first: a kill mid-copy re-copies it
         copy_file(src / rel, dst / rel)
         copied[rel] = stamps[rel]
-        _write_manifest(dst, copied)
+        write_atomic(dst / SYNC_MANIFEST, json.dumps(copied))
         done += sizes[rel]
         elapsed = time.monotonic() - t0
         if elapsed - shown > 30 or n + 1 == len(todo):
