@@ -1,6 +1,7 @@
 """Ahead-of-time fit table: the ImageNet recipe's train step and the sampler compiled for TPU slices.
 
     python bench/aot_fit.py [--cases v5p-64,v5p-8,v4-32,v5e-256] [--sampler]
+    python bench/aot_fit.py --cases v4-32 --set batch_size=2048 --set grad_accum_steps=2   # any config field
 
 Each case compiles in its own process (libtpu on this CPU; no TPU needed) and prints one RESULT
 line; the script prints a markdown table for docs/benchmarks.md. The batch of a case is the
@@ -42,6 +43,7 @@ def run_case(topology: str, with_sampler: bool, overrides: list[str]) -> None:
         node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
     result = dict(topology=aot.resolve_topology(topology), chips=len(devices), batch=config.batch_size)
     result.update(remat=bool(config.model.remat), mesh=list(config.mesh), chip=devices[0].device_kind)
+    result.update(accum=config.grad_accum_steps)
     t0 = time.time()
     try:
         step = aot.compile_train_step(config, devices)
@@ -60,8 +62,8 @@ def run_case(topology: str, with_sampler: bool, overrides: list[str]) -> None:
         step_s_60=step.step_seconds_at(0.6),
         optimal_s=step.compiled.optimal_seconds,
         unpriced=list(step.compiled.unpriced),
-        loop_factor=step.loop_factor,
-        step_s_pred=step.predicted_seconds,
+        temp_gib=step.compiled.temp_bytes / aot.GIB,
+        step_s_pred=step.predicted_seconds,  # (fast, slow): equal without loops
         mfu_pred=step.predicted_mfu,
     )
     if with_sampler:
@@ -81,14 +83,21 @@ def run_case(topology: str, with_sampler: bool, overrides: list[str]) -> None:
 def row(r: dict) -> str:
     mesh = f"({r['mesh'][0]}, {r['mesh'][1]})"
     head = (
-        f"| {r['topology']} ({r['chips']} chips) | {r['batch']} ({r['batch'] // r['chips']}) | {mesh} | {r['remat']} "
+        f"| {r['topology']} ({r['chips']} chips) | {r['batch']} ({r['batch'] // r['chips']}) | {r.get('accum', 1)} "
+        f"| {mesh} | {r['remat']} "
     )
     if not r["fits"]:
         return head + f"| does not fit: {r.get('error', '')} | | | | | {r['compile_s']:.0f} |"
     images = [r["batch"] / r[k] for k in ("step_s_40", "step_s_60")]
     pred = "no estimate"
     if r.get("step_s_pred"):
-        pred = f"{r['step_s_pred']:.3f} s, {r['batch'] / r['step_s_pred']:,.0f} images/s, {100 * r['mfu_pred']:.1f} %"
+        (fast, slow), (mfu_fast, mfu_slow) = r["step_s_pred"], r["mfu_pred"]
+        pred = (
+            f"{fast:.3f} s, {r['batch'] / fast:,.0f} images/s, {100 * mfu_fast:.1f} %"
+            if fast == slow
+            else f"{fast:.3f}–{slow:.3f} s, {r['batch'] / slow:,.0f}–{r['batch'] / fast:,.0f} images/s, "
+            f"{100 * mfu_slow:.1f}–{100 * mfu_fast:.1f} %"
+        )
     return (
         head + f"| {r['hbm_gib']:.1f} / {r['hbm_cap_gib']:g} | {r['flops'] / r['model_flops']:.2f} | {pred} "
         f"| {r['step_s_40']:.3f} / {r['step_s_60']:.3f} | {images[0]:,.0f} / {images[1]:,.0f} | {r['compile_s']:.0f} |"
@@ -112,10 +121,11 @@ def main() -> None:
         print(results[-1], flush=True)
     print(f"\nMachine: {machine()}; {today()}\n")
     print(
-        "| slice | batch (per chip) | mesh | remat | HBM GiB per chip (used / chip) | compiled / model FLOPs "
+        "| slice | batch (per chip) | micro-batches | mesh | remat | HBM GiB per chip (used / chip) "
+        "| compiled / model FLOPs "
         "| predicted: step, images/s, MFU | step s at 40 / 60 % MFU | images/s at 40 / 60 % MFU | compile s |"
     )
-    print("|---|---|---|---|---|---:|---|---|---|---:|")
+    print("|---|---|---:|---|---|---|---:|---|---|---|---:|")
     for r in results:
         print(row(r))
     if args.sampler:

@@ -11,12 +11,15 @@ with a one-thread reference. In that one process it measures
   synthetic batch (the data pipeline is not measured);
 
 each timed as the median of ``--steps`` calls after one warm-up call (CPU time of the process; wall time
-in the JSON lines), plus compile times (CPU time), and XLA's FLOP estimate (``compiled.cost_analysis()``)
-of both. ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual_barrier``) by the
+in the JSON lines), plus compile times (CPU time), XLA's FLOP estimate (``compiled.cost_analysis()``)
+of both and the step's temporaries (``compiled.memory_analysis()``: activations and workspace).
+``--accum`` runs each case at every given ``config.grad_accum_steps`` (the same batch in that many
+micro-batches). ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual_barrier``) by the
 identity: the network as it was before issue 12, whose backward pass XLA:CPU compiles quadratically in
 depth (docs/performance.md).
 
     python bench/train_step.py                                 # all cases, markdown table
+    python bench/train_step.py --cases s2_b32 --accum 1 2 4    # gradient accumulation: k micro-batches
     python bench/train_step.py --cases s2_b8 --no-barrier      # the step before issue 12, for comparison
 
 Run one invocation at a time: two at once on the two cores slow each other down by up to 25 %.
@@ -40,8 +43,8 @@ CASES = {
 ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
-def case_config(name: str):
-    """The case's training config."""
+def case_config(name: str, accum: int = 1):
+    """The case's training config, with ``accum`` micro-batches per step."""
     from gmflow_jax.train.config import load_config
 
     c = load_config("digits_gmdit")
@@ -62,6 +65,7 @@ def case_config(name: str):
         )
         c.loss.spectral_weight = 1.0
     c.batch_size = CASES[name][1]
+    c.grad_accum_steps = accum
     return c
 
 
@@ -88,7 +92,7 @@ def _median_time(fn, steps: int) -> tuple[float, float]:
     return sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
 
 
-def run_case(name: str, steps: int, barrier: bool) -> dict:
+def run_case(name: str, steps: int, barrier: bool, accum: int = 1) -> dict:
     """Measures one case in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
@@ -103,7 +107,7 @@ def run_case(name: str, steps: int, barrier: bool) -> dict:
 
     if not barrier:
         gmdit.residual_barrier = lambda x: x  # the network before issue 12
-    config = case_config(name)
+    config = case_config(name, accum)
     mesh, setup, step_fn, batch = synthetic_train_setup(config)
 
     # the network forward as sampling builds it: no remat
@@ -140,6 +144,8 @@ def run_case(name: str, steps: int, barrier: bool) -> dict:
     return {
         "case": name,
         "barrier": barrier,
+        "accum": accum,
+        "temp_mb": compiled.memory_analysis().temp_size_in_bytes / 2**20,
         "params": setup.num_params(),
         "batch": n,
         "fwd_s": fwd_s,
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed calls per case (default 5 S/2, 20 digits)")
     parser.add_argument("--cpu", type=int, default=1, help="core each case is pinned to (-1: no pinning)")
     parser.add_argument("--no-barrier", action="store_true", help="the network before issue 12 (no residual barrier)")
+    parser.add_argument("--accum", type=int, nargs="+", default=[1], help="micro-batches per step (each value a run)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
@@ -170,7 +177,7 @@ def main() -> None:
         from common import print_result
 
         steps = args.steps or (20 if args.one == "digits" else 5)
-        print_result(run_case(args.one, steps, not args.no_barrier))
+        print_result(run_case(args.one, steps, not args.no_barrier, args.accum[0]))
         return
 
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
@@ -178,28 +185,31 @@ def main() -> None:
 
     rows = []
     for name in args.cases:
-        cmd = [__file__, "--one", name, "--cpu", str(args.cpu)]
-        if args.steps:
-            cmd += ["--steps", str(args.steps)]
-        if args.no_barrier:
-            cmd += ["--no-barrier"]
-        rows.append(run_case_subprocess(cmd, name))
-        print(f"done {name}: {rows[-1]}", file=sys.stderr, flush=True)
+        for accum in args.accum:
+            cmd = [__file__, "--one", name, "--cpu", str(args.cpu), "--accum", str(accum)]
+            if args.steps:
+                cmd += ["--steps", str(args.steps)]
+            if args.no_barrier:
+                cmd += ["--no-barrier"]
+            rows.append(run_case_subprocess(cmd, name))
+            print(f"done {name} accum {accum}: {rows[-1]}", file=sys.stderr, flush=True)
 
     network = "without the residual barrier, as before issue 12" if args.no_barrier else "with the residual barrier"
     print(f"Train step vs network forward ({network}), {today()}, {machine()}, ")
     print(f"one core (--cpu {args.cpu}), one XLA thread\n")
     print(
-        "| case | params | batch | forward (CPU ms) | train step (CPU ms) | step / forward | ms per image (step) | "
-        "compile fwd / step (CPU s) | XLA GFLOP fwd / step | FLOP ratio | peak host RSS (MB) |"
+        "| case | params | batch | micro-batches | forward (CPU ms) | train step (CPU ms) | step / forward | "
+        "ms per image (step) | compile fwd / step (CPU s) | XLA GFLOP fwd / step | FLOP ratio | "
+        "step temporaries (MB) | peak host RSS (MB) |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {CASES[r['case']][0]} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['fwd_s'] * 1e3:.0f} | "
+            f"| {CASES[r['case']][0]} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['accum']} | "
+            f"{r['fwd_s'] * 1e3:.0f} | "
             f"{r['step_s'] * 1e3:.0f} | {r['step_s'] / r['fwd_s']:.2f} | {r['step_s'] / r['batch'] * 1e3:.1f} | "
             f"{r['fwd_compile_s']:.1f} / {r['compile_s']:.1f} | {r['fwd_gflops']:.1f} / {r['step_gflops']:.1f} | "
-            f"{r['step_gflops'] / r['fwd_gflops']:.2f} | {r['peak_rss_mb']:.0f} |"
+            f"{r['step_gflops'] / r['fwd_gflops']:.2f} | {r['temp_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
 
 

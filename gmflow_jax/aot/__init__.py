@@ -154,6 +154,7 @@ class StepReport:
     batch_size: int
     model_flops_per_example: float | None  # analytic (utilization.py); None if not counted
     remat: bool = False  # blocks recomputed in the backward pass: the step runs 4/3 of the model FLOPs
+    grad_accum_steps: int = 1  # micro-batches per step (a loop: XLA counts one micro-batch's FLOPs)
 
     @property
     def fits(self) -> bool:
@@ -271,7 +272,7 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
     compiled = _compile(jit_train_step(config, setup, mesh).lower(setup.abstract, batch), "train step", STEP_LEVERS)
     n, remat = int(config.batch_size), bool(config.model.get("remat", False))
     flops = train_flops_per_example(config.model)
-    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, remat)
+    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, remat, config.grad_accum_steps)
 
 
 def _patch_embedding_rows(jaxpr: Any, kernel_shape: tuple[int, ...]) -> int:
@@ -343,7 +344,8 @@ class DoesNotFit(ValueError):
 
 
 STEP_LEVERS = (
-    "try --config.model.remat=True (recompute blocks in the backward pass), a smaller --config.batch_size "
+    "try --config.grad_accum_steps=K (the same batch in K micro-batches, activations about 1/K), "
+    "--config.model.remat=True (recompute blocks in the backward pass), a smaller --config.batch_size "
     "(or more devices), or shard the parameters and optimizer state over more devices (--config.mesh='(1,-1)' "
     "with the FSDP rules of configs/imagenet_gmdit_k8.py)."
 )
@@ -392,7 +394,9 @@ def _memory_lines(c: Compiled, chip: Chip | None) -> list[str]:
 def step_report_lines(r: StepReport) -> list[str]:
     """The train step's report: memory against the chip, compiled and model FLOPs, the predicted time, the bracket."""
     per_device = r.batch_size // r.num_devices
-    lines = [f"train step, batch {r.batch_size} ({per_device} per device):", *_memory_lines(r.compiled, r.chip)]
+    k = r.grad_accum_steps
+    micro = f", {k} micro-batches of {per_device // k}" if k > 1 else ""
+    lines = [f"train step, batch {r.batch_size} ({per_device} per device{micro}):", *_memory_lines(r.compiled, r.chip)]
     flop = f"  FLOP per device per step: compiled {r.compiled.flops:.3e}"
     if r.model_flops_per_device is not None:
         flop += (
@@ -401,9 +405,10 @@ def step_report_lines(r: StepReport) -> list[str]:
         )
     lines.append(flop)
     if r.compiled.loops:
+        kinds = "the micro-batch loop, " if r.grad_accum_steps > 1 else ""
         lines.append(
-            f"  (the program has {r.compiled.loops} loops, e.g. FSDP's all-gathers fused with matmuls, and XLA counts "
-            "a loop body once: the compiled figure is a lower bound)"
+            f"  (the program has {r.compiled.loops} loops ({kinds}e.g. FSDP's all-gathers fused with matmuls) and XLA "
+            "counts a loop body once: the compiled figure is a lower bound)"
         )
     note = ""
     if r.compiled.loops and r.compiled.estimated_seconds is not None:

@@ -5,7 +5,9 @@ a packaged experiment by name (``'digits_gmdit'``, the files of the repository's
 installed as ``gmflow_jax.configs``) or any file path, with ``get_config(arg)``. Every experiment
 file starts from ``base_config()`` and changes values. Fields:
 
-* ``seed``, ``num_steps``, ``batch_size`` (global), ``mesh = (data, fsdp)`` (one may be -1),
+* ``seed``, ``num_steps``, ``batch_size`` (global), ``grad_accum_steps`` (each step's batch split
+  into that many micro-batches whose gradients are averaged before one optimizer step),
+  ``mesh = (data, fsdp)`` (one may be -1),
   ``sharding``: logical axis name → mesh axis (``''`` replicated), ``init_from``: a checkpoint
   (a step directory or a workdir / checkpoint root: its latest step) whose weights start the run.
 * ``data``: ``dataset`` (a name of ``gmflow_jax.data.KNOWN_DATASETS``), ``data_dir`` (``''``:
@@ -76,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_steps = 1000
     c.batch_size = 128
+    c.grad_accum_steps = 1
     c.mesh = (-1, 1)
     c.sharding = replicated_rules()
     c.init_from = ""
@@ -334,6 +337,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _need(c.seed < 2**32, "seed", "an int in [0, 2**32)", c.seed)
     _int(c, "num_steps", 1)
     _int(c, "batch_size", 1)
+    _int(c, "grad_accum_steps", 1)
+    _need(
+        c.batch_size % c.grad_accum_steps == 0,
+        "grad_accum_steps",
+        f"a divisor of config.batch_size={c.batch_size}",
+        c.grad_accum_steps,
+    )
     _need(isinstance(c.mesh, tuple | list) and len(c.mesh) == 2, "mesh", "a tuple (data, fsdp) of ints", c.mesh)
     _need(isinstance(c.init_from, str), "init_from", "a path string ('' for none)", c.init_from)
 

@@ -62,13 +62,19 @@ def host_value(x: jax.Array) -> np.ndarray:
 
 def check_devices(config: ml_collections.ConfigDict, n_dev: int | None = None, n_proc: int | None = None) -> None:
     """``ValueError`` naming ``config.batch_size`` unless it splits over the devices and processes (default:
-    this run's)."""
+    this run's), or naming ``config.grad_accum_steps`` unless it divides the per-device batch."""
     n_dev = jax.device_count() if n_dev is None else n_dev
     n_proc = jax.process_count() if n_proc is None else n_proc
     if config.batch_size % n_dev or config.batch_size % n_proc:
         raise ValueError(
             f"config.batch_size={config.batch_size} must be divisible by the {n_dev} devices "
             f"(and {n_proc} processes); expected a multiple of {math.lcm(n_dev, n_proc)}."
+        )
+    k, per_device = config.grad_accum_steps, config.batch_size // n_dev
+    if not isinstance(k, int) or k < 1 or per_device % k:
+        raise ValueError(
+            f"config.grad_accum_steps={k} must divide the per-device batch {per_device} "
+            f"(config.batch_size={config.batch_size} over {n_dev} devices) into equal micro-batches."
         )
 
 

@@ -1,7 +1,10 @@
 """The loss (docs/method.md §5) and the pure train step ``(state, batch) -> (state, metrics)``.
 
 Randomness comes only from ``fold_in(state.rng, state.step)``, so the step is a deterministic
-function of its inputs and a resumed run repeats an uninterrupted one exactly.
+function of its inputs and a resumed run repeats an uninterrupted one exactly. Every draw of the loss
+is made per example, from that key folded with the example's index in the global batch: the step
+computes the same thing however the batch is laid over devices or split into the
+``config.grad_accum_steps`` micro-batches whose gradients it accumulates (up to float32 summation order).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
 from gmflow_jax.models.factory import data_shape
-from gmflow_jax.sharding import batch_spec_sharding, replicated
+from gmflow_jax.sharding import MESH_AXES, batch_spec_sharding, replicated
 from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta, ema_update
 
 Batch = dict[str, jax.Array]
@@ -32,23 +36,48 @@ def drop_labels(key: jax.Array, labels: jax.Array, num_classes: int, p: float) -
     return jnp.where(jax.random.uniform(key, labels.shape) < p, num_classes, labels).astype(labels.dtype)
 
 
-def loss_fn(graphdef: nnx.GraphDef, params: Params, batch: Batch, key: jax.Array, config: Any) -> tuple:
-    """Scalar loss and its terms for a batch ``{'image': (N, ...) float32, 'label': (N,) int32}``."""
+def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
+    """One key per example: ``fold_in(key, index[i])`` for the examples' global indices (N,) -> (N, ...)."""
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
+
+
+def per_example(draw: Callable[..., Any], keys: jax.Array, *batch: jax.Array) -> Any:
+    """``draw(key, *rows)`` run on each example alone (a batch of one) with its own key; the outputs
+    stacked back to (N, ...). The batch functions of ``losses`` then draw per example."""
+
+    def one(key, *rows):
+        return jax.tree.map(lambda y: y[0], draw(key, *(r[None] for r in rows)))
+
+    return jax.vmap(one)(keys, *batch)
+
+
+def loss_fn(
+    graphdef: nnx.GraphDef, params: Params, batch: Batch, key: jax.Array, config: Any, index: jax.Array | None = None
+) -> tuple:
+    """Scalar loss (mean over the batch) and its terms for ``{'image': (N, ...) float32, 'label': (N,) int32}``.
+
+    ``index`` (N,) int: the examples' positions in the global batch (default ``0 … N−1``); example ``i``'s
+    time, noise, transition pair and label dropout are drawn from ``fold_in(key, index[i])``.
+    """
     lcfg, mcfg = config.loss, config.model
     model = nnx.merge(graphdef, params)
     x0 = batch["image"].astype(jnp.float32)
     n = x0.shape[0]
-    k_t, k_x, k_label = jax.random.split(key, 3)
-    labels = drop_labels(k_label, batch["label"].astype(jnp.int32), mcfg.num_classes, lcfg.label_dropout)
-    t = sample_t(k_t, n, mode=lcfg.t_mode, shift=lcfg.t_shift)
+    index = jnp.arange(n, dtype=jnp.int32) if index is None else index
+    keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
+    k_t, k_x, k_label = keys[:, 0], keys[:, 1], keys[:, 2]
+    labels = per_example(
+        lambda k, y: drop_labels(k, y, mcfg.num_classes, lcfg.label_dropout), k_label, batch["label"].astype(jnp.int32)
+    )
+    t = per_example(lambda k: sample_t(k, 1, mode=lcfg.t_mode, shift=lcfg.t_shift), k_t)
     terms: dict[str, jax.Array] = {}
     if lcfg.objective == "l2":
-        eps = jax.random.normal(k_x, x0.shape, jnp.float32)
+        eps = per_example(lambda k, x: jax.random.normal(k, x.shape, jnp.float32), k_x, x0)
         x_t = diffuse(x0, eps, t)
         gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_l2"] = lcfg.weight * jnp.mean(l2_flow_loss(gm_u.means[..., 0, :], eps - x0))
     else:
-        x_t, x_lo, t_lo = transition_pair(k_x, x0, t, lcfg.trans_ratio)
+        x_t, x_lo, t_lo = per_example(lambda k, x, tt: transition_pair(k, x, tt, lcfg.trans_ratio), k_x, x0, t)
         gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_trans"] = lcfg.weight * jnp.mean(transition_nll(gm_u, x_t, t, x_lo, t_lo))
         if model.spectrum is not None and lcfg.spectral_weight > 0:
@@ -59,20 +88,65 @@ def loss_fn(graphdef: nnx.GraphDef, params: Params, batch: Batch, key: jax.Array
     return loss, aux
 
 
+def micro_batches(batch: Batch, k: int, shards: int) -> Batch:
+    """``(N, ...) -> (k, N/k, ...)``: micro-batch ``j`` takes rows ``j·m … (j+1)·m − 1`` of each of the
+    ``shards`` equal blocks the batch is laid out in over the devices (``m = N / (shards · k)``), so every
+    micro-batch stays spread over all devices and splitting moves no data."""
+
+    def split(x: jax.Array) -> jax.Array:
+        m = x.shape[0] // (shards * k)
+        x = jnp.swapaxes(x.reshape(shards, k, m, *x.shape[1:]), 0, 1)
+        return x.reshape(k, shards * m, *x.shape[3:])
+
+    return jax.tree.map(split, batch)
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     schedule: Callable[[Any], jax.Array],
     config: Any,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The (unjitted) step: loss, grads, AdamW, EMA; metrics are float32 scalars."""
+    """The (unjitted) step: loss, grads, AdamW, EMA; metrics are float32 scalars.
+
+    With ``config.grad_accum_steps = k > 1`` the global batch is split into ``k`` micro-batches
+    (``micro_batches``, laid out over ``mesh``'s devices; ``None``: one device) that a ``lax.scan`` runs one
+    after another, summing gradients, loss and metrics; their means then make one optimizer step (clip,
+    AdamW, schedule, EMA), as one step at the whole batch would.
+    """
     nan_at = int(config.debug.nan_at_step)
     batch_size = int(config.batch_size)
+    accum = int(config.grad_accum_steps)
+    shards = 1 if mesh is None else mesh.size
+    micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, MESH_AXES))
+
+    def loss_and_grads(params: Params, batch: Batch, key: jax.Array) -> tuple:
+        index = batch["index"]
+        batch = {k: v for k, v in batch.items() if k != "index"}
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, config, index), has_aux=True)
+        return grad_fn(params)
+
+    def accumulated(params: Params, batch: Batch, key: jax.Array) -> tuple:
+        batch = dict(batch, index=jnp.arange(batch["label"].shape[0], dtype=jnp.int32))
+        if accum == 1:
+            return loss_and_grads(params, batch, key)
+        micro = micro_batches(batch, accum, shards)
+        if micro_sharding is not None:
+            micro = jax.lax.with_sharding_constraint(micro, jax.tree.map(lambda _: micro_sharding, micro))
+
+        def body(total, one):
+            out = loss_and_grads(params, one, key)
+            return jax.tree.map(jnp.add, total, out), None
+
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(loss_and_grads, params, first, key))
+        total, _ = jax.lax.scan(body, zeros, micro)
+        return jax.tree.map(lambda x: x / accum, total)
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.rng, state.step)
-        grad_fn = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, config), has_aux=True)
-        (loss, aux), grads = grad_fn(state.params)
+        (loss, aux), grads = accumulated(state.params, batch, key)
         if nan_at >= 0:  # debug: poison this step (loss and grads), as a diverged step would be
             poison = jnp.where(state.step == nan_at, jnp.nan, 1.0)
             loss = loss * poison
@@ -102,7 +176,7 @@ def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
     """The trainer's compiled step: state sharded as ``setup``, batch split over the whole mesh, the
     state donated; metrics replicated. The ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
     return jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config),
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config, mesh),
         in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
         out_shardings=(setup.shardings, replicated(mesh)),
         donate_argnums=0,

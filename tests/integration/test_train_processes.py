@@ -77,6 +77,7 @@ def assert_same_state(a: dict, b: dict, *, exact: bool, rtol: float = 2e-4, atol
         (("--config.mesh=(3,1)",), r"config\.mesh=\(3, 1\) needs 3 devices but this run has 2"),
         (("--config.data.dataset=mnist",), r"config\.data\.dataset must be one of"),
         (("--config.batch_size=63",), r"config\.batch_size=63 must be divisible by the 2 devices"),
+        (("--config.grad_accum_steps=64",), r"config\.grad_accum_steps=64 must divide the per-device batch 32 "),
         (("--config.model.channels=3",), r"config\.model\.channels describe examples of shape \(3,\)"),
     ],
 )

@@ -96,6 +96,8 @@ def test_loaded_config_is_locked_against_typos():
         ("model.dtype", "float16", r"config\.model\.dtype must be one of"),
         ("data.read", "sharded", r"config\.data\.read must be one of"),
         ("mesh", (1, 2, 3), r"config\.mesh must be a tuple \(data, fsdp\)"),
+        ("grad_accum_steps", 0, r"config\.grad_accum_steps must be an int >= 1; got 0"),
+        ("grad_accum_steps", 3, r"config\.grad_accum_steps must be a divisor of config\.batch_size=64; got 3"),
     ],
 )
 def test_bad_values_name_the_field(field, value, match):
@@ -115,3 +117,16 @@ def test_l2_objective_needs_single_fixed_std_component():
     c.loss.objective = "l2"
     with pytest.raises(ValueError, match=r"config\.model must be num_gaussians=1"):
         validate_config(c)
+
+
+def test_grad_accum_steps_must_divide_the_per_device_batch():
+    from gmflow_jax.train.loop import check_devices
+
+    c = load("digits_gmdit")  # batch 64
+    c.grad_accum_steps = 4
+    check_devices(c, n_dev=16, n_proc=2)  # 4 per device: 4 micro-batches of 1
+    message = (
+        r"^config\.grad_accum_steps=4 must divide the per-device batch 2 \(config\.batch_size=64 over 32 devices\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        check_devices(c, n_dev=32, n_proc=4)
