@@ -35,6 +35,15 @@ file starts from ``base_config()`` and changes values. Fields:
   ``sample_steps`` / ``sample_order`` (GM-ODE), ``sample_classes`` × ``sample_per_class`` images
   or ``sample_points`` 2-D points; ``profile_first_step`` (0: off) starts a ``jax.profiler`` trace
   of ``profile_steps`` steps into ``<workdir>/tensorboard``.
+* ``distill`` (pi-Flow, docs/method.md §10): ``nfe`` (0: not a student; N ≥ 1: the model is a pi-Flow
+  student sampled with N network evaluations, ``solver='piflow'``), ``teacher`` (the teacher's workdir
+  for pi-ID training: any workdir the Sampler reads), ``total_substeps`` S, ``temperature`` (sampling,
+  all but the last step), ``final_step_size_scale``, ``shift`` (raw time → σ), pi-ID's
+  ``num_intermediate_states``, ``gm_dropout``, ``teacher_ratio`` (decaying linearly to 0 over
+  ``num_decay_iters``), ``window_substeps``, ``scale`` (the loss is scale · ½ · MSE); the teacher's
+  ``guidance`` (a GMFlow teacher: probabilistic guidance w̃ with projection ``orthogonal``; a
+  flow-matching teacher, ``loss.objective='l2'``: the CFG scale, 0 or 1 for none) applied where the
+  noise level σ = τ/1000 lies in ``guidance_interval`` (the authors' ImageNet recipe: (0, 0.6)).
 * ``debug``: ``nan_at_step`` (≥ 0 makes that step's loss NaN, to test the NaN guard).
 """
 
@@ -151,6 +160,25 @@ def base_config() -> ml_collections.ConfigDict:
             sample_points=4096,
             profile_first_step=0,
             profile_steps=5,
+        )
+    )
+    c.distill = ml_collections.ConfigDict(
+        dict(
+            nfe=0,
+            teacher="",
+            total_substeps=128,
+            temperature=1.0,
+            final_step_size_scale=1.0,
+            shift=1.0,
+            num_intermediate_states=2,
+            gm_dropout=0.05,
+            teacher_ratio=0.0,
+            num_decay_iters=0,
+            window_substeps=0,
+            guidance=0.0,
+            guidance_interval=(0.0, 1.0),
+            orthogonal=1.0,
+            scale=3.0,
         )
     )
     c.debug = ml_collections.ConfigDict(dict(nan_at_step=-1))
@@ -422,6 +450,31 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _int(c, "log.profile_first_step", 0)
     _int(c, "log.profile_steps", 1)
     _int(c, "debug.nan_at_step", -1)
+    d = c.distill
+    _int(c, "distill.nfe", 0)
+    _need(isinstance(d.teacher, str), "distill.teacher", "a workdir path string ('' for none)", d.teacher)
+    _int(c, "distill.total_substeps", 1)
+    _num(c, "distill.temperature", 0.0, lo_open=True)
+    _num(c, "distill.final_step_size_scale", 0.0, lo_open=True)
+    _num(c, "distill.shift", 0.0, lo_open=True)
+    _int(c, "distill.num_intermediate_states", 1)
+    _num(c, "distill.gm_dropout", 0.0, 1.0)
+    _num(c, "distill.teacher_ratio", 0.0, 1.0)
+    _int(c, "distill.num_decay_iters", 0)
+    _int(c, "distill.window_substeps", 0)
+    _num(c, "distill.guidance", 0.0)
+    lo_hi = d.guidance_interval
+    _need(
+        isinstance(lo_hi, tuple | list) and len(lo_hi) == 2 and 0.0 <= lo_hi[0] <= lo_hi[1] <= 1.0,
+        "distill.guidance_interval",
+        "a pair (lo, hi) of noise levels with 0 <= lo <= hi <= 1",
+        lo_hi,
+    )
+    _num(c, "distill.orthogonal", 0.0, 1.0)
+    _num(c, "distill.scale", 0.0, lo_open=True)
+    if d.teacher:
+        _need(d.nfe >= 1, "distill.nfe", "an int >= 1 (the student's steps) when distill.teacher is set", d.nfe)
+        _need(m.kind == "gmdit", "model.kind", "'gmdit' for a pi-Flow student", m.kind)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
