@@ -36,6 +36,7 @@ from gmflow_jax.multihost import agree, any_process, barrier, primary_first
 from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
+from gmflow_jax.train.distill import TeacherSetup, fresh_tensors, load_teacher, setup_teacher, student_from_teacher
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.memory import return_freed_memory
 from gmflow_jax.train.preview import make_preview_fn
@@ -45,6 +46,7 @@ from gmflow_jax.train.writers import create_writer, import_clu
 from gmflow_jax.utilization import ThroughputMeter, chip_for, train_flops_per_example
 from gmflow_jax.viz import render, save_png
 
+STUDENT_INIT_OFFSET = 0x71F  # the offsets nudging a student's tiled GM means apart
 PREVIEW_SEED_OFFSET = 0x5A3  # the preview noise is the same at every step: samples are comparable
 
 
@@ -157,6 +159,7 @@ def train(
     data_dir = resolve_data_dir(config.data.data_dir)
     source = primary_first(lambda: load_source(config.data.dataset, data_dir), "gmflow_load_source")
     check_data(config, source, workdir)
+    teacher = setup_teacher(config, mesh)  # distillation: checked before anything in the workdir changes
     workdir.mkdir(parents=True, exist_ok=True)
     with _hold_workdir(workdir, config.checkpoint.lock_lease_seconds):
         if restart_from_scratch and jax.process_index() == 0:
@@ -177,12 +180,15 @@ def train(
         with StopRequest(config.checkpoint.preemption_check_every) as stop:
             setup = setup_state(config, mesh)
             logging.info("model: %s parameters", f"{setup.num_params():,}")
-            step_fn = _compile_step(config, setup, mesh)
+            step_fn = _compile_step(config, setup, mesh, teacher)
             iterator = make_data_iterator(config, source, mesh, data_dir)
             ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
             try:
-                state, resumed = _initial_state(config, setup, iterator, ckpt)
+                teacher_params = None if teacher is None else load_teacher(teacher)
+                state, resumed = _initial_state(config, setup, iterator, ckpt, teacher, teacher_params)
                 return_freed_memory()  # the initialisation's or the restore's temporaries
+                if teacher is not None:
+                    compiled, step_fn = step_fn, lambda s, b: compiled(s, b, teacher_params)
                 if jax.process_index() == 0:
                     write_config(config, workdir)  # only once the run is known to fit the workdir
                 return _loop(config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop)
@@ -222,20 +228,28 @@ def _refuse_fresh_start_in_used_workdir(workdir: epath.Path) -> None:
         )
 
 
-def _compile_step(config: ml_collections.ConfigDict, setup: StateSetup, mesh: jax.sharding.Mesh) -> StepFn:
+def _compile_step(
+    config: ml_collections.ConfigDict, setup: StateSetup, mesh: jax.sharding.Mesh, teacher: TeacherSetup | None
+) -> StepFn:
     """The train step, compiled before any state exists: the compiler's transient memory is handed
     back before the state and the step's buffers are allocated (host memory, docs/performance.md)."""
     t0 = time.time()
-    step_fn = compiled_train_step(config, setup, mesh)
+    step_fn = compiled_train_step(config, setup, mesh, teacher)
     logging.info("compiled the train step in %.1f s", time.time() - t0)
     return_freed_memory()
     return step_fn
 
 
 def _initial_state(
-    config: ml_collections.ConfigDict, setup: StateSetup, iterator: Any, ckpt: ckpt_lib.Checkpointer
+    config: ml_collections.ConfigDict,
+    setup: StateSetup,
+    iterator: Any,
+    ckpt: ckpt_lib.Checkpointer,
+    teacher: TeacherSetup | None = None,
+    teacher_params: Any = None,
 ) -> tuple[TrainState, bool]:
-    """The newest good checkpoint of the workdir (and the iterator moved to it), else a fresh state."""
+    """The newest good checkpoint of the workdir (and the iterator moved to it), else a fresh state
+    (a distilled student: started from the teacher's weights, ``distill.student_from_teacher``)."""
     config_dict = json.loads(config.to_json_best_effort())
     restored = ckpt.restore_latest(setup.abstract.to_dict(), iterator, finite_check(setup), config_dict)
     if restored is not None:
@@ -248,6 +262,21 @@ def _initial_state(
         params, ema = ckpt_lib.load_weights(config.init_from, setup.abstract.params)
         state = state.replace(params=params, ema=ema)
         logging.info("initialised params and EMA from %s", config.init_from)
+    elif teacher is not None:
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), STUDENT_INIT_OFFSET)
+        start = jax.jit(
+            lambda s, t, k: student_from_teacher(config, s, teacher, t, k), out_shardings=setup.shardings.params
+        )
+        params = start(state.params, teacher_params, key)
+        fresh = fresh_tensors(state.params, teacher_params)
+        state = state.replace(params=params, ema=jax.tree.map(jnp.copy, params))
+        logging.info(
+            "student initialised from the teacher %s (GM head tiled %d -> %d Gaussians); fresh: %s",
+            teacher.path,
+            teacher.config.model.num_gaussians,
+            config.model.num_gaussians,
+            ", ".join(fresh) or "none",
+        )
     return state, False
 
 

@@ -1,4 +1,5 @@
-"""Periodic preview of the EMA model: GM-ODE samples of a fixed grid, rendered as one image.
+"""Periodic preview of the EMA model: GM-ODE samples of a fixed grid (a pi-Flow student: its own
+``distill.nfe``-step policy sampler), rendered as one image.
 
 ``make_preview_fn`` returns a jitted ``(ema_params, key) -> samples`` (replicated, float32) built on
 the Sampler's compiled function (``gmflow_jax.sampling.sample_fn``):
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from gmflow_jax import piflow
 from gmflow_jax.models.factory import build_model, split_params
 from gmflow_jax.sampling import NOISE_KEY, SOLVER_KEY, sample_fn
 from gmflow_jax.sharding import replicated
@@ -31,6 +33,25 @@ def make_preview_fn(config: Any, mesh: Mesh, data_shape: tuple[int, ...]) -> Cal
         labels = None
     n = lc.sample_points if labels is None else labels.shape[0]
     graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False)))
+    d = config.distill
+    if d.nfe > 0:
+
+        def sample_student(params: Any, key: jax.Array) -> jax.Array:
+            k_noise = jax.random.fold_in(key, NOISE_KEY)
+            noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape))(jnp.arange(n))
+            net = nnx.merge(graphdef, params).net
+            return piflow.piflow_sample(
+                net,
+                noise,
+                labels,
+                num_steps=d.nfe,
+                total_substeps=d.total_substeps,
+                temperature=d.temperature,
+                shift=d.shift,
+                final_step_size_scale=d.final_step_size_scale,
+            )
+
+        return jax.jit(sample_student, out_shardings=replicated(mesh))
     static = ("gm-ode", lc.sample_order, lc.sample_steps, 1, False, False, False)
     run = sample_fn(graphdef, data_shape, None, static)
 

@@ -23,6 +23,7 @@ from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.sharding import MESH_AXES, batch_spec_sharding, replicated
+from gmflow_jax.train import distill
 from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta, ema_update
 
 Batch = dict[str, jax.Array]
@@ -52,18 +53,28 @@ def per_example(draw: Callable[..., Any], keys: jax.Array, *batch: jax.Array) ->
 
 
 def loss_fn(
-    graphdef: nnx.GraphDef, params: Params, batch: Batch, key: jax.Array, config: Any, index: jax.Array | None = None
+    graphdef: nnx.GraphDef,
+    params: Params,
+    batch: Batch,
+    key: jax.Array,
+    config: Any,
+    index: jax.Array | None = None,
+    teacher: tuple[distill.TeacherFn, Any] | None = None,
 ) -> tuple:
     """Scalar loss (mean over the batch) and its terms for ``{'image': (N, ...) float32, 'label': (N,) int32}``.
 
     ``index`` (N,) int: the examples' positions in the global batch (default ``0 … N−1``); example ``i``'s
     time, noise, transition pair and label dropout are drawn from ``fold_in(key, index[i])``.
+    ``teacher = (teacher_fn, teacher_ratio)``: the pi-ID objective of a pi-Flow student instead
+    (``distill.piid_objective``), its draws from the same per-example keys.
     """
     lcfg, mcfg = config.loss, config.model
     model = nnx.merge(graphdef, params)
     x0 = batch["image"].astype(jnp.float32)
     n = x0.shape[0]
     index = jnp.arange(n, dtype=jnp.int32) if index is None else index
+    if teacher is not None:
+        return distill.piid_objective(model, batch, example_keys(key, index), config, *teacher)
     keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
     k_t, k_x, k_label = keys[:, 0], keys[:, 1], keys[:, 2]
     labels = per_example(
@@ -107,8 +118,11 @@ def make_train_step(
     schedule: Callable[[Any], jax.Array],
     config: Any,
     mesh: Mesh | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The (unjitted) step: loss, grads, AdamW, EMA; metrics are float32 scalars.
+    teacher: distill.TeacherSetup | None = None,
+) -> Callable[..., tuple[TrainState, Metrics]]:
+    """The (unjitted) step ``(state, batch[, teacher_params]) -> (state, metrics)``: loss, grads, AdamW, EMA;
+    metrics are float32 scalars. With a ``teacher`` (pi-Flow distillation) the step takes the teacher's
+    weights as a third argument and minimises the pi-ID loss.
 
     With ``config.grad_accum_steps = k > 1`` the global batch is split into ``k`` micro-batches
     (``micro_batches``, laid out over ``mesh``'s devices; ``None``: one device) that a ``lax.scan`` runs one
@@ -121,32 +135,37 @@ def make_train_step(
     shards = 1 if mesh is None else mesh.size
     micro_sharding = None if mesh is None else NamedSharding(mesh, P(None, MESH_AXES))
 
-    def loss_and_grads(params: Params, batch: Batch, key: jax.Array) -> tuple:
+    def loss_and_grads(params: Params, batch: Batch, key: jax.Array, objective: Any) -> tuple:
         index = batch["index"]
         batch = {k: v for k, v in batch.items() if k != "index"}
-        grad_fn = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, config, index), has_aux=True)
+        grad_fn = jax.value_and_grad(lambda p: loss_fn(graphdef, p, batch, key, config, index, objective), has_aux=True)
         return grad_fn(params)
 
-    def accumulated(params: Params, batch: Batch, key: jax.Array) -> tuple:
+    def accumulated(params: Params, batch: Batch, key: jax.Array, objective: Any) -> tuple:
         batch = dict(batch, index=jnp.arange(batch["label"].shape[0], dtype=jnp.int32))
         if accum == 1:
-            return loss_and_grads(params, batch, key)
+            return loss_and_grads(params, batch, key, objective)
         micro = micro_batches(batch, accum, shards)
         if micro_sharding is not None:
             micro = jax.lax.with_sharding_constraint(micro, jax.tree.map(lambda _: micro_sharding, micro))
 
         def body(total, one):
-            out = loss_and_grads(params, one, key)
+            out = loss_and_grads(params, one, key, objective)
             return jax.tree.map(jnp.add, total, out), None
 
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(loss_and_grads, params, first, key))
+        shapes = jax.eval_shape(lambda p, b, k: loss_and_grads(p, b, k, objective), params, first, key)
+        zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
         total, _ = jax.lax.scan(body, zeros, micro)
         return jax.tree.map(lambda x: x / accum, total)
 
-    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def step_fn(state: TrainState, batch: Batch, teacher_params: Any = None) -> tuple[TrainState, Metrics]:
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = accumulated(state.params, batch, key)
+        objective = None
+        if teacher is not None:
+            teacher_fn = distill.teacher_velocity(teacher, teacher_params, config.distill)
+            objective = (teacher_fn, distill.teacher_ratio_at(state.step, config.distill))
+        (loss, aux), grads = accumulated(state.params, batch, key, objective)
         if nan_at >= 0:  # debug: poison this step (loss and grads), as a diverged step would be
             poison = jnp.where(state.step == nan_at, jnp.nan, 1.0)
             loss = loss * poison
@@ -169,15 +188,19 @@ def make_train_step(
     return step_fn
 
 
-StepFn = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+StepFn = Callable[..., tuple[TrainState, Metrics]]
 
 
-def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
+def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh, teacher: distill.TeacherSetup | None = None) -> StepFn:
     """The trainer's compiled step: state sharded as ``setup``, batch split over the whole mesh, the
-    state donated; metrics replicated. The ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
+    teacher's weights (distillation) as ``teacher.abstract``, the state donated; metrics replicated. The
+    ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
+    in_shardings = (setup.shardings, batch_spec_sharding(mesh))
+    if teacher is not None:
+        in_shardings += (jax.tree.map(lambda a: a.sharding, teacher.abstract),)
     return jax.jit(
-        make_train_step(setup.graphdef, setup.tx, setup.schedule, config, mesh),
-        in_shardings=(setup.shardings, batch_spec_sharding(mesh)),
+        make_train_step(setup.graphdef, setup.tx, setup.schedule, config, mesh, teacher),
+        in_shardings=in_shardings,
         out_shardings=(setup.shardings, replicated(mesh)),
         donate_argnums=0,
     )
@@ -194,10 +217,18 @@ def abstract_batch(config: Any, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
     }
 
 
-def compiled_train_step(config: Any, setup: StateSetup, mesh: Mesh) -> StepFn:
-    """``jit_train_step``, compiled now from shapes alone (``setup.abstract``, ``abstract_batch``);
-    calling it with a real state and batch does not compile again. The trainer compiles before it
-    creates or restores the state, so that the compiler's transient memory is not on top of it."""
-    step_fn = jit_train_step(config, setup, mesh)
-    step_fn.lower(setup.abstract, abstract_batch(config, mesh)).compile()
+def step_arguments(config: Any, setup: StateSetup, mesh: Mesh, teacher: distill.TeacherSetup | None = None) -> tuple:
+    """The step's arguments as shapes: state, batch and (distillation) the teacher's weights."""
+    args = (setup.abstract, abstract_batch(config, mesh))
+    return args if teacher is None else (*args, teacher.abstract)
+
+
+def compiled_train_step(
+    config: Any, setup: StateSetup, mesh: Mesh, teacher: distill.TeacherSetup | None = None
+) -> StepFn:
+    """``jit_train_step``, compiled now from shapes alone (``step_arguments``); calling it with a real
+    state and batch does not compile again. The trainer compiles before it creates or restores the
+    state, so that the compiler's transient memory is not on top of it."""
+    step_fn = jit_train_step(config, setup, mesh, teacher)
+    step_fn.lower(*step_arguments(config, setup, mesh, teacher)).compile()
     return step_fn
