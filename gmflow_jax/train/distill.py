@@ -219,14 +219,20 @@ def fresh_tensors(student: Any, teacher_params: Any) -> list[str]:
 
 
 def student_from_teacher(
-    config: ml_collections.ConfigDict, student: Any, teacher: TeacherSetup, teacher_params: Any, key: jax.Array
+    config: ml_collections.ConfigDict,
+    student: Any,
+    teacher: TeacherSetup,
+    teacher_params: Any,
+    key: jax.Array,
+    mean_noise: float = MEAN_NOISE,
 ) -> Any:
     """A fresh student's params (pure dict) started from the teacher's (jittable; ``fresh_tensors`` lists
     what is not taken from the teacher).
 
-    Shared tensors are copied; the GM head is tiled (``_tile_head``) with ``N(0, 0.05²)`` offsets per
-    component and channel on the means' bias; the log-std head is copied when its shapes match, and
-    after a flow-matching teacher its output bias starts at log 0.05 (the authors' choice)."""
+    Shared tensors are copied; the GM head is tiled (``_tile_head``) with ``N(0, mean_noise²)`` offsets
+    per component and channel on the means' bias (the same at every position of a patch); the log-std
+    head is copied when its shapes match, and after a flow-matching teacher its output bias starts at
+    log 0.05 (the authors' choice)."""
     s, t = config.model, teacher.config.model
     p = _trunk(s)["patch_size"]
     kt, ks, c = int(t.num_gaussians), int(s.num_gaussians), int(s.in_channels)
@@ -241,7 +247,7 @@ def student_from_teacher(
         elif other is not None and name.startswith("['net']['head']"):
             tiled = _tile_head(jnp.asarray(other, leaf.dtype), p * p, kt, ks, c)
             if name.endswith("['bias']"):
-                noise = MEAN_NOISE * jax.random.normal(key, (ks * c,), leaf.dtype)
+                noise = mean_noise * jax.random.normal(key, (ks * c,), leaf.dtype)
                 offsets = jnp.concatenate([noise, jnp.zeros((ks,), leaf.dtype)])
                 tiled = tiled + jnp.tile(offsets, p * p)
             out[path] = tiled

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tree_helpers import assert_trees_close, digits_batch
 
 from gmflow_jax import checkpoint
 from gmflow_jax.models.factory import data_shape
@@ -52,30 +53,6 @@ def test_train_step_is_pure_and_updates_the_ema_by_its_formula():
         np.testing.assert_allclose(e1, beta * np.asarray(e0) + (1 - beta) * np.asarray(p1), rtol=1e-5, atol=1e-7)
 
 
-def _digits_batch(config, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "image": jnp.asarray(rng.uniform(-1, 1, (config.batch_size, *data_shape(config.model))), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 10, config.batch_size), jnp.int32),
-    }
-
-
-def assert_trees_close(a, b, rtol: float = 2e-4) -> None:
-    """Leaf by leaf, within float32 summation noise: |a − b| ≤ rtol · (|a| + 1e-2 · max |a| of the leaf).
-
-    The attention key bias is left out: its exact gradient is 0 (softmax over keys ignores a constant
-    added to every key's score), so it and its AdamW moments follow float32 rounding noise, which AdamW
-    normalises to steps of ±lr that depend on the summation order.
-    """
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True):
-        name = jax.tree_util.keystr(path)
-        if "['key']['bias']" in name:
-            continue
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-        scale = 1e-2 * float(np.max(np.abs(x))) if x.size else 0.0
-        np.testing.assert_allclose(y, x, rtol=rtol, atol=rtol * scale + 1e-12, err_msg=name)
-
-
 def test_micro_batches_keep_each_device_block_local():
     x = jnp.arange(12)  # 3 device blocks of 4 rows, split into 2 micro-batches of 2 rows per block
     np.testing.assert_array_equal(micro_batches({"x": x}, 2, 3)["x"], [[0, 1, 4, 5, 8, 9], [2, 3, 6, 7, 10, 11]])
@@ -93,7 +70,7 @@ def test_grad_accumulation_equals_one_step_at_the_whole_batch():
         c.grad_accum_steps = k
         steps[k] = jax.jit(make_train_step(setup.graphdef, setup.tx, setup.schedule, c))
     state = init_state(setup, seed=0)
-    batches = [_digits_batch(config, seed) for seed in range(10)]
+    batches = [digits_batch(config, seed) for seed in range(10)]
     one = {k: step(state, batches[0]) for k, step in steps.items()}
     assert float(one[1][1]["grad_norm"]) > 0
     for k in (2, 4):
@@ -117,12 +94,14 @@ def test_one_device_and_eight_devices_make_the_same_steps():
     1 device (k = 1) against 8 simulated devices, data-parallel (k = 2) and 2 × 4 FSDP (k = 2)."""
     code = textwrap.dedent(
         """
+        import sys
         import jax, numpy as np
         from gmflow_jax.sharding import make_mesh
         from gmflow_jax.train.config import load_config
         from gmflow_jax.train.state import init_state, setup_state
         from gmflow_jax.train.step import jit_train_step
-        from tests.unit.test_train import _digits_batch, assert_trees_close
+        sys.path.insert(0, HERE)
+        from tree_helpers import assert_trees_close, digits_batch
 
         results = []
         for mesh_shape, devices, k, fsdp in (((1, 1), 1, 1, False), ((8, 1), 8, 2, False), ((2, 4), 8, 2, True)):
@@ -134,13 +113,13 @@ def test_one_device_and_eight_devices_make_the_same_steps():
             setup = setup_state(c, mesh)
             step, state = jit_train_step(c, setup, mesh), init_state(setup, seed=0)
             for seed in range(3):
-                state, metrics = step(state, _digits_batch(c, seed))
+                state, metrics = step(state, digits_batch(c, seed))
             results.append(jax.device_get((state, metrics)))
         assert_trees_close(results[0], results[1], rtol=1e-3)
         assert_trees_close(results[0], results[2], rtol=1e-3)
         print("OK")
         """
-    )
+    ).replace("HERE", repr(os.path.dirname(__file__)))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
