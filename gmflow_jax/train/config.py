@@ -111,6 +111,7 @@ def base_config() -> ml_collections.ConfigDict:
             mlp_ratio=4.0,
             freq_shift=0.0,
             logstd_inner_dim=256,
+            time_scale=1000.0,
             dtype="float32",
             remat=False,
             spectrum=True,
@@ -402,6 +403,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _int(c, "model.num_classes", 1)
         _int(c, "model.in_channels", 1)
         _choice(c, "model.dtype", ("float32", "bfloat16"))
+        _num(c, "model.time_scale", 0.0, lo_open=True)
         if not m.arch:
             for f in ("patch_size", "hidden_size", "depth", "num_heads"):
                 _int(c, f"model.{f}", 1)
@@ -474,7 +476,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _num(c, "distill.scale", 0.0, lo_open=True)
     if d.teacher:
         _need(d.nfe >= 1, "distill.nfe", "an int >= 1 (the student's steps) when distill.teacher is set", d.nfe)
-        _need(m.kind == "gmdit", "model.kind", "'gmdit' for a pi-Flow student", m.kind)
+        _need(not m.spectrum, "model.spectrum", "False for a pi-Flow student (no spectral loss)", m.spectrum)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:

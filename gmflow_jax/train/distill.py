@@ -5,8 +5,8 @@ is set.
 The teacher is any workdir the Sampler reads (trained here or converted): the EMA weights of its
 newest good step, loaded once, sharded by the student's rules (``config.sharding``) and passed to the
 compiled step as an argument (not a constant of the program, not part of the checkpoint). The student
-is a GM-DiT of the teacher's trunk (same data shape, classes, width, depth, heads, patch) with any
-number of Gaussians that the teacher's divides: a fresh student copies every tensor the two share and
+is the teacher's network (same kind, data shape, classes and trunk: width, depth, heads, patch) with
+any number of Gaussians that the teacher's divides: a fresh student copies every tensor the two share and
 tiles the teacher's GM head (each teacher component repeated ``K_student / K_teacher`` times with its
 weight shared among the copies, so the student starts as the teacher's mixture), then nudges the
 copies' means apart (the authors' ``GMDiTTransformer2DModelV2.init_weights``).
@@ -60,6 +60,8 @@ class TeacherSetup:
 
 def _trunk(mcfg: Any) -> dict[str, Any]:
     """The fields of ``config.model`` that fix the trunk's tensors (a standard ``arch`` resolved)."""
+    if mcfg.kind == "toy":
+        return {k: int(mcfg[k]) for k in ("hidden", "num_layers", "num_freqs")}
     if mcfg.get("arch"):
         size, patch = mcfg.arch.split("/")
         hidden, depth, heads = DIT_SIZES[size]
@@ -73,8 +75,10 @@ def _trunk(mcfg: Any) -> dict[str, Any]:
 def check_student(config: ml_collections.ConfigDict, teacher: ml_collections.ConfigDict, where: str) -> None:
     """``TeacherError`` naming the field unless the student (``config.model``) can start from the teacher."""
     s, t = config.model, teacher.model
-    if t.get("kind") != "gmdit":
-        raise TeacherError(f"{where}: the teacher is a {t.get('kind')!r} model; pi-Flow distils GM-DiT teachers.")
+    if t.get("kind") != s.kind:
+        raise TeacherError(
+            f"{where}: the teacher is a {t.get('kind')!r} model, config.model.kind={s.kind!r}; expected the same kind."
+        )
     if data_shape(s) != data_shape(t):
         raise TeacherError(
             f"{where}: the teacher works on examples of shape {data_shape(t)}, config.model on {data_shape(s)}; "
@@ -132,6 +136,11 @@ def setup_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> TeacherSetup
         return None
     directory, step, tconfig = _read_teacher(path)
     check_student(config, tconfig, f"config.distill.teacher={path!r}")
+    if not model_has_classes(config) and config.distill.guidance > 0:
+        raise TeacherError(
+            f"config.distill.guidance={config.distill.guidance}: guidance needs a class-conditional teacher; "
+            f"{path!r} has no classes (expected 0)."
+        )
     graphdef, abstract = split_params(nnx.eval_shape(lambda: build_model(tconfig.model, nnx.Rngs(0), remat=False)))
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
     abstract = nnx.to_pure_dict(abstract)
@@ -193,10 +202,14 @@ def teacher_velocity(teacher: TeacherSetup, params: Any, dcfg: Any) -> piflow.Te
     return cfg_teacher
 
 
-def _tile_head(a: jax.Array, p2: int, kt: int, ks: int, c: int) -> jax.Array:
+def _tile_head(a: jax.Array, p2: int, kt: int, ks: int, c: int, interleaved: bool = False) -> jax.Array:
     """GM-head outputs (..., p²·Kt·(C+1)) -> (..., p²·Ks·(C+1)): component j of the student is the
-    teacher's ``j mod Kt`` (means and logit)."""
+    teacher's ``j mod Kt`` (means and logit). GM-DiT orders a position's outputs as K·C means then K
+    logits; the toy MLP (``interleaved``, p² = 1) as K blocks of C means and a logit."""
     lead = a.shape[:-1]
+    if interleaved:
+        a = a.reshape(*lead, kt, c + 1)
+        return jnp.tile(a, (1,) * len(lead) + (ks // kt, 1)).reshape(*lead, ks * (c + 1))
     a = a.reshape(*lead, p2, kt * (c + 1))
     means = a[..., : kt * c].reshape(*lead, p2, kt, c)
     logits = a[..., kt * c :]
@@ -234,8 +247,9 @@ def student_from_teacher(
     head is copied when its shapes match, and after a flow-matching teacher its output bias starts at
     log 0.05 (the authors' choice)."""
     s, t = config.model, teacher.config.model
-    p = _trunk(s)["patch_size"]
-    kt, ks, c = int(t.num_gaussians), int(s.num_gaussians), int(s.in_channels)
+    toy = s.kind == "toy"
+    p2 = 1 if toy else _trunk(s)["patch_size"] ** 2
+    kt, ks, c = int(t.num_gaussians), int(s.num_gaussians), data_shape(s)[-1]
     flat_s = dict(jax.tree_util.tree_flatten_with_path(student)[0])
     flat_t = dict(jax.tree_util.tree_flatten_with_path(teacher_params)[0])
     out = {}
@@ -245,17 +259,22 @@ def student_from_teacher(
         if other is not None and other.shape == leaf.shape:
             out[path] = jnp.asarray(other, leaf.dtype)
         elif other is not None and name.startswith("['net']['head']"):
-            tiled = _tile_head(jnp.asarray(other, leaf.dtype), p * p, kt, ks, c)
+            tiled = _tile_head(jnp.asarray(other, leaf.dtype), p2, kt, ks, c, interleaved=toy)
             if name.endswith("['bias']"):
-                noise = mean_noise * jax.random.normal(key, (ks * c,), leaf.dtype)
-                offsets = jnp.concatenate([noise, jnp.zeros((ks,), leaf.dtype)])
-                tiled = tiled + jnp.tile(offsets, p * p)
+                noise = mean_noise * jax.random.normal(key, (ks, c), leaf.dtype)
+                if toy:
+                    offsets = jnp.concatenate([noise, jnp.zeros((ks, 1), leaf.dtype)], axis=-1).reshape(-1)
+                else:
+                    offsets = jnp.tile(jnp.concatenate([noise.reshape(-1), jnp.zeros((ks,), leaf.dtype)]), p2)
+                tiled = tiled + offsets
             out[path] = tiled
         else:
             out[path] = leaf
     if teacher.flow_matching:
-        path = next(k for k in out if jax.tree_util.keystr(k) == "['net']['logstd_fc2']['bias']")
-        out[path] = jnp.full_like(out[path], FLOW_MATCHING_LOGSTD)
+        logstd_bias = "['net']['std_out']['bias']" if toy else "['net']['logstd_fc2']['bias']"
+        for path in out:
+            if jax.tree_util.keystr(path) == logstd_bias:
+                out[path] = jnp.full_like(out[path], FLOW_MATCHING_LOGSTD)
     treedef = jax.tree_util.tree_structure(student)
     return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_s])
 
@@ -272,7 +291,7 @@ def piid_objective(
     (``piflow.segment_start``), imitated against ``teacher_fn`` along its own policy (``piflow.piid_loss``)."""
     d = config.distill
     x0 = batch["image"].astype(jnp.float32)
-    labels = batch["label"].astype(jnp.int32)
+    labels = batch["label"].astype(jnp.int32) if model_has_classes(config) else None
     seg = piflow.segment_start(keys, x0, nfe=d.nfe, final_step_size_scale=d.final_step_size_scale, shift=d.shift)
     gm_u = model.net(seg.x_src, to_tau(seg.sigma_src), labels)
     per_example = piflow.piid_loss(
@@ -293,6 +312,11 @@ def piid_objective(
     )
     loss = jnp.mean(per_example)
     return loss, {"loss_piid": loss, "logstd": jnp.mean(gm_u.logstds)}
+
+
+def model_has_classes(config: Any) -> bool:
+    """Whether the model takes class labels (a class-conditional GM-DiT; the toy MLP does not)."""
+    return config.model.kind == "gmdit" and int(config.model.num_classes) > 0
 
 
 def teacher_ratio_at(step: jax.Array, dcfg: Any) -> Any:
