@@ -30,5 +30,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.update(lr=2e-4, decay_steps=0, warmup_steps=100 if variant == "default" else 0, clip_norm=1.0, clip_start=0)
     c.checkpoint.every_steps = 10 if variant == "tiny" else 1000
     c.log.sample_every_steps = 0 if variant == "tiny" else 1000
-    c.distill.update(nfe=1, total_substeps=128, num_intermediate_states=2, gm_dropout=0.05, guidance=0.0, scale=3.0)
+    c.distill.update(
+        teacher_config="checkerboard_k64:tiny" if variant == "tiny" else "checkerboard_k64",
+        nfe=1,
+        total_substeps=128,
+        num_intermediate_states=2,
+        gm_dropout=0.05,
+        guidance=0.0,
+        scale=3.0,
+    )
     return c

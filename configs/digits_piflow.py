@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 500
     c.distill.update(
         nfe=1 if variant in ("1", "tiny") else 2,
+        teacher_config="digits_gmdit:tiny" if variant == "tiny" else "digits_gmdit",
         total_substeps=128,
         num_intermediate_states=2,
         gm_dropout=0.05,

@@ -260,18 +260,20 @@ def _chip(devices: Sequence[Any]) -> Chip | None:
 def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
     """Compiles the trainer's step for ``devices`` from abstract shapes; ``ValueError`` for a bad config."""
     from gmflow_jax.train.config import validate_config
+    from gmflow_jax.train.distill import flops_per_example, setup_teacher
     from gmflow_jax.train.loop import check_devices
     from gmflow_jax.train.state import setup_state
-    from gmflow_jax.train.step import abstract_batch, jit_train_step
+    from gmflow_jax.train.step import jit_train_step, step_arguments
 
     validate_config(config)
     mesh = make_mesh(config.mesh, devices=devices)
     check_devices(config, len(devices), len({d.process_index for d in devices}))
     setup = setup_state(config, mesh)
-    batch = abstract_batch(config, mesh)
-    compiled = _compile(jit_train_step(config, setup, mesh).lower(setup.abstract, batch), "train step", STEP_LEVERS)
+    teacher = setup_teacher(config, mesh, shapes_only=True)  # distillation: the frozen teacher is an argument
+    lowered = jit_train_step(config, setup, mesh, teacher).lower(*step_arguments(config, setup, mesh, teacher))
+    compiled = _compile(lowered, "train step", STEP_LEVERS)
     n, remat = int(config.batch_size), bool(config.model.get("remat", False))
-    flops = train_flops_per_example(config.model)
+    flops = train_flops_per_example(config.model) if teacher is None else flops_per_example(config, teacher)
     return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, remat, config.grad_accum_steps)
 
 

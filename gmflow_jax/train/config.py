@@ -37,7 +37,9 @@ file starts from ``base_config()`` and changes values. Fields:
   of ``profile_steps`` steps into ``<workdir>/tensorboard``.
 * ``distill`` (pi-Flow, docs/method.md §10): ``nfe`` (0: not a student; N ≥ 1: the model is a pi-Flow
   student sampled with N network evaluations, ``solver='piflow'``), ``teacher`` (the teacher's workdir
-  for pi-ID training: any workdir the Sampler reads), ``total_substeps`` S, ``temperature`` (sampling,
+  for pi-ID training: any workdir the Sampler reads), ``teacher_config`` (a packaged config, ``name[:arg]``,
+  whose model and loss are the teacher's: what ``gmflow_jax.aot`` compiles when no teacher workdir is
+  given), ``total_substeps`` S, ``temperature`` (sampling,
   all but the last step), ``final_step_size_scale``, ``shift`` (raw time → σ), pi-ID's
   ``num_intermediate_states``, ``gm_dropout``, ``teacher_ratio`` (decaying linearly to 0 over
   ``num_decay_iters``), ``window_substeps``, ``scale`` (the loss is scale · ½ · MSE); the teacher's
@@ -167,6 +169,7 @@ def base_config() -> ml_collections.ConfigDict:
         dict(
             nfe=0,
             teacher="",
+            teacher_config="",
             total_substeps=128,
             temperature=1.0,
             final_step_size_scale=1.0,
@@ -455,6 +458,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     d = c.distill
     _int(c, "distill.nfe", 0)
     _need(isinstance(d.teacher, str), "distill.teacher", "a workdir path string ('' for none)", d.teacher)
+    _need(isinstance(d.teacher_config, str), "distill.teacher_config", "a config name ('' for none)", d.teacher_config)
     _int(c, "distill.total_substeps", 1)
     _num(c, "distill.temperature", 0.0, lo_open=True)
     _num(c, "distill.final_step_size_scale", 0.0, lo_open=True)

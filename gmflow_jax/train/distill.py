@@ -32,6 +32,7 @@ from gmflow_jax.gm import gm_mean
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.models.gmdit import DIT_SIZES
 from gmflow_jax.sharding import check_rules, tree_shardings
+from gmflow_jax.utilization import gmdit_forward_flops
 
 MEAN_NOISE = 0.05  # std of the per-component offsets added to the tiled means' bias (authors: 0.05)
 FLOW_MATCHING_LOGSTD = math.log(0.05)  # a flow-matching teacher has no std: the student's starts here (authors)
@@ -129,24 +130,53 @@ def _read_teacher(path: str) -> tuple[str, int, ml_collections.ConfigDict]:
     return str(directory), step, tconfig
 
 
-def setup_teacher(config: ml_collections.ConfigDict, mesh: Mesh) -> TeacherSetup | None:
-    """The teacher of ``config.distill.teacher`` (None when unset), checked against the student; no weights read."""
-    path = config.distill.teacher
-    if not path:
-        return None
-    directory, step, tconfig = _read_teacher(path)
-    check_student(config, tconfig, f"config.distill.teacher={path!r}")
-    if not model_has_classes(config) and config.distill.guidance > 0:
+def setup_teacher(config: ml_collections.ConfigDict, mesh: Mesh, *, shapes_only: bool = False) -> TeacherSetup | None:
+    """The teacher of ``config.distill.teacher`` (None when unset), checked against the student; no weights
+    read. ``shapes_only`` (the ahead-of-time compile): without a teacher workdir, the architecture of the
+    packaged config ``distill.teacher_config`` (step -1, nothing to load)."""
+    d = config.distill
+    if d.teacher:
+        directory, step, tconfig = _read_teacher(d.teacher)
+        where = f"config.distill.teacher={d.teacher!r}"
+    elif shapes_only and d.nfe > 0 and d.teacher_config:
+        from gmflow_jax.train.config import load_config  # noqa: PLC0415 - config imports the trainer's modules
+
+        directory, step, tconfig = "", -1, load_config(d.teacher_config)
+        where = f"config.distill.teacher_config={d.teacher_config!r}"
+    elif d.nfe > 0:
         raise TeacherError(
-            f"config.distill.guidance={config.distill.guidance}: guidance needs a class-conditional teacher; "
-            f"{path!r} has no classes (expected 0)."
+            f"config.distill.nfe={d.nfe} makes a pi-Flow student, which trains against a teacher: set "
+            "--config.distill.teacher=TEACHER_WORKDIR" + (" (or distill.teacher_config)" if shapes_only else "") + "."
+        )
+    else:
+        return None
+    check_student(config, tconfig, where)
+    if not model_has_classes(config) and d.guidance > 0:
+        raise TeacherError(
+            f"config.distill.guidance={d.guidance}: guidance needs a class-conditional teacher; {where} has no classes."
+        )
+    if tconfig.loss.get("objective", "gm") != "l2" and d.guidance >= 1:
+        raise TeacherError(
+            f"config.distill.guidance={d.guidance} is a CFG scale, but {where} is a GMFlow teacher: its guidance is "
+            "probabilistic, w̃ in [0, 1) (e.g. 0.3)."
         )
     graphdef, abstract = split_params(nnx.eval_shape(lambda: build_model(tconfig.model, nnx.Rngs(0), remat=False)))
     logical = nnx.to_pure_dict(nnx.get_partition_spec(abstract))
     abstract = nnx.to_pure_dict(abstract)
     shardings = tree_shardings(logical, abstract, check_rules(config.sharding), mesh)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return TeacherSetup(str(path), directory, step, tconfig, graphdef, abstract)
+    return TeacherSetup(d.teacher or d.teacher_config, directory, step, tconfig, graphdef, abstract)
+
+
+def flops_per_example(config: ml_collections.ConfigDict, teacher: TeacherSetup) -> float | None:
+    """Model FLOPs of one distillation example: the student's training (3× its forward) and the teacher's
+    forwards at the ``num_intermediate_states`` (twice each when guided); None for uncounted models."""
+    if config.model.kind != "gmdit":
+        return None
+    d = config.distill
+    guided = d.guidance > 0 and not (teacher.flow_matching and d.guidance == 1.0)
+    passes = d.num_intermediate_states * (2 if guided else 1)
+    return 3.0 * gmdit_forward_flops(config.model) + passes * gmdit_forward_flops(teacher.config.model)
 
 
 def load_teacher(teacher: TeacherSetup) -> Any:

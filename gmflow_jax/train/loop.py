@@ -36,7 +36,14 @@ from gmflow_jax.multihost import agree, any_process, barrier, primary_first
 from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
-from gmflow_jax.train.distill import TeacherSetup, fresh_tensors, load_teacher, setup_teacher, student_from_teacher
+from gmflow_jax.train.distill import (
+    TeacherSetup,
+    fresh_tensors,
+    load_teacher,
+    setup_teacher,
+    student_from_teacher,
+)
+from gmflow_jax.train.distill import flops_per_example as distill_flops_per_example
 from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.memory import return_freed_memory
 from gmflow_jax.train.preview import make_preview_fn
@@ -191,7 +198,7 @@ def train(
                     compiled, step_fn = step_fn, lambda s, b: compiled(s, b, teacher_params)
                 if jax.process_index() == 0:
                     write_config(config, workdir)  # only once the run is known to fit the workdir
-                return _loop(config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop)
+                return _loop(config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop, teacher)
             finally:
                 try:
                     ckpt.close()
@@ -291,6 +298,7 @@ def _loop(
     state: TrainState,
     resumed: bool,
     stop: StopRequest,
+    teacher: TeacherSetup | None = None,
 ) -> TrainState:
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
@@ -321,7 +329,7 @@ def _loop(
 
     # images/s, model TFLOP/s per device and MFU between log points (utilization.py)
     meter = ThroughputMeter(
-        train_flops_per_example(config.model),
+        train_flops_per_example(config.model) if teacher is None else distill_flops_per_example(config, teacher),
         config.batch_size,
         jax.device_count(),
         chip_for(jax.devices()[0].device_kind),

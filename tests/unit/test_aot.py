@@ -251,3 +251,16 @@ def test_grad_accumulation_is_one_loop_and_shrinks_the_activations(devices):
     lines = aot.step_report_lines(four)
     assert lines[0] == "train step, batch 256 (64 per device, 4 micro-batches of 16):"
     assert any("the micro-batch loop" in line for line in lines)
+
+
+def test_distillation_step_compiles_teacher_and_student(devices):
+    # a pi-Flow student config: the teacher (from distill.teacher_config, no workdir) is a sharded argument
+    # of the step, and its forwards count in the model FLOPs
+    student = load_config("digits_piflow:tiny")
+    r = aot.compile_train_step(student, devices)
+    plain = aot.compile_train_step(load_config("digits_gmdit:tiny"), devices)
+    assert r.fits and r.compiled.argument_bytes > plain.compiled.argument_bytes  # + the teacher's weights
+    assert r.model_flops_per_example > plain.model_flops_per_example
+    student.distill.teacher_config = ""
+    with pytest.raises(ValueError, match=r"^config\.distill\.nfe=1 makes a pi-Flow student, which trains against"):
+        aot.compile_train_step(student, devices)  # no teacher at all: refused, never the GMFlow loss instead
