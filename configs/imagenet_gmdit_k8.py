@@ -10,7 +10,9 @@ with (the trainer checks it against the dataset's record).
 
 ``get_config('tiny')`` trains a one-block GM-DiT (like ``digits_gmdit:tiny``) on the 8×8×4 latents of a
 tiny synthetic ImageNet (``gmflow_jax.data.imagenet.write_synthetic_imagenet``: up to 10 synsets, 32²
-crops, a VAE with downsampling factor 4), batch 8, no FSDP: the tests' model.
+crops, a VAE with downsampling factor 4), batch 8, no FSDP: the tests' model. ``get_config('fm')`` is the
+flow-matching baseline of the same network (K = 1, L2 loss): the architecture of the flow-matching
+DiT teacher of the authors' pi-Flow ImageNet students (``configs/imagenet_piflow_k32.py``).
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import ml_collections
 
 from gmflow_jax.train.config import base_config, fsdp_rules
 
-VARIANTS = ("default", "tiny")
+VARIANTS = ("default", "tiny", "fm")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """``arg``: None / 'default', or 'tiny'."""
+    """``arg``: None / 'default', 'tiny', or 'fm' (the flow-matching baseline: K = 1, L2 loss)."""
     variant = arg or "default"
     if variant not in VARIANTS:
         raise ValueError(f"imagenet_gmdit_k8 variant must be one of {VARIANTS}; got {arg!r}.")
@@ -65,6 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.log.every_steps = 100
     c.log.sample_every_steps = 10_000
     c.log.sample_per_class = 8
+    if variant == "fm":
+        c.model.update(num_gaussians=1, spectrum=False)
+        c.loss.update(objective="l2", spectral_weight=0.0)
     if variant == "tiny":
         c.data.update(image_size=32, read="per_process", worker_count=0, prefetch=0)
         c.update(num_steps=20, batch_size=8, mesh=(-1, 1))

@@ -15,7 +15,8 @@ betas (0.9, 0.95), no weight decay, 400-step warm-up, gradient clip 50 from step
     python -m gmflow_jax.aot --config imagenet_piflow_k32 --topology v5p-64   # teacher + student fit?
 
 ``distill.teacher_config`` names the teacher's architecture for the ahead-of-time compile when no teacher
-workdir is given (the published GMFlow recipe, ``imagenet_gmdit_k8``). ``get_config('2')``: 2 NFE.
+workdir is given: the flow-matching XL/2 (``imagenet_gmdit_k8:fm``), as the authors'. ``get_config('2')``:
+2 NFE.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 2000
     c.distill.update(
         nfe=int(variant),
-        teacher_config="imagenet_gmdit_k8",
+        teacher_config="imagenet_gmdit_k8:fm",
         total_substeps=128,
         num_intermediate_states=2,
         gm_dropout=0.05,
