@@ -21,10 +21,35 @@ load = load_config
         ("checkerboard_k64", None),
         ("checkerboard_k64", "baseline"),
         ("checkerboard_k64", "tiny"),
+        ("imagenet_gmdit_k8", "fm"),
+        ("digits_piflow", None),
+        ("digits_piflow", "2"),
+        ("digits_piflow", "tiny"),
+        ("checkerboard_piflow", None),
+        ("checkerboard_piflow", "tiny"),
+        ("imagenet_piflow_k32", None),
+        ("imagenet_piflow_k32", "2"),
     ],
 )
 def test_configs_validate(name, arg):
     validate_config(load(name, arg))
+
+
+def test_piflow_recipe_is_the_authors():
+    c = load("imagenet_piflow_k32")
+    assert (c.model.arch, c.model.num_gaussians, c.model.logstd_inner_dim, c.batch_size) == ("XL/2", 32, 1024, 4096)
+    d = c.distill
+    assert (d.nfe, d.total_substeps, d.num_intermediate_states, d.gm_dropout, d.scale) == (1, 128, 2, 0.05, 3.0)
+    assert (d.guidance, tuple(d.guidance_interval), d.orthogonal) == (2.7, (0.0, 0.6), 0.0)
+    assert (c.optim.lr, c.optim.weight_decay, c.optim.warmup_steps, c.optim.clip_norm, c.num_steps) == (
+        5e-5,
+        0.0,
+        400,
+        50.0,
+        140_000,
+    )
+    teacher = load(d.teacher_config)
+    assert teacher.loss.objective == "l2" and teacher.model.num_gaussians == 1 and teacher.model.arch == "XL/2"
 
 
 def test_load_config_by_name_path_and_arg(tmp_path):
