@@ -4,8 +4,9 @@ Accepted GM-DiT layouts (names as in diffusers' ``DiTTransformer2DModel``):
 
 * GMFlow's ``GMDiTTransformer2DModel`` (the published checkpoint): one shared conditioning
   embedding under ``emb.*``, ``proj_out_2`` emitting p·p·K·(C+1) per token and the logstd
-  head under ``gm_out.logstd_layers.{1,3}``; its V2 variant (``proj_out_means``,
-  ``proj_out_logweights``, ``proj_out_logstds.{1,3}``) is merged into the same layout.
+  head under ``gm_out.logstd_layers.{1,3}``; its V2 variant (``GMDiTTransformer2DModelV2``, pi-Flow's
+  students: ``proj_out_means`` p·p·K·C and ``proj_out_logweights`` p·p·K per token,
+  ``proj_out_logstds.{1,3}``) computes the same function and is merged into the same layout.
 * diffusers' stock DiT: a conditioning embedding per block
   (``transformer_blocks.{i}.norm1.emb.*``). GM-DiT shares one, so all copies must be
   equal (they are in checkpoints converted from the original DiT); block 0's is used.
@@ -70,25 +71,39 @@ def weights_file(folder: str | os.PathLike) -> str:
     return str(folder / variants[0])
 
 
-def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """``(config.json, state dict as float32 NumPy)`` of a diffusers model folder, local, ``file://`` or ``gs://``
-    (bf16/fp16 upcast); ValueError naming the path for a missing or unreadable file."""
-    from safetensors import safe_open
-
+def read_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``config.json`` of a model folder (None where it has none); ValueError for invalid JSON."""
     config_path = workdir_path(folder) / "config.json"
     if not config_path.is_file():
-        raise ValueError(f"{os.fspath(folder)!r} has no config.json; expected a diffusers model folder.")
+        return None
     try:
-        config = json.loads(config_path.read_text())
+        return json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{config_path} is not valid JSON: {e}") from None
+
+
+def read_weights(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """``(state dict as float32 NumPy, safetensors metadata)`` of a model folder's weights (``weights_file``),
+    bf16/fp16 upcast; ValueError naming the path for a missing or unreadable file."""
+    from safetensors import safe_open
+
     weights = weights_file(folder)
     try:
         with local_copy(weights) as local, safe_open(local, framework="numpy") as f:
             state = {name: to_numpy(f.get_tensor(name)) for name in f.keys()}  # noqa: SIM118
+            metadata = dict(f.metadata() or {})
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"weights {weights} could not be read: {e}") from None
-    return config, state
+    return state, metadata
+
+
+def read_diffusers_folder(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``(config.json, state dict as float32 NumPy)`` of a diffusers model folder, local, ``file://`` or ``gs://``
+    (bf16/fp16 upcast); ValueError naming the path for a missing or unreadable file."""
+    config = read_config(folder)
+    if config is None:
+        raise ValueError(f"{os.fspath(folder)!r} has no config.json; expected a diffusers model folder.")
+    return config, read_weights(folder)[0]
 
 
 class _Reader:

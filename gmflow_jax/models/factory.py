@@ -8,10 +8,8 @@
 * ``'toy'``: ``ToyGMFlow`` on 2-D points ``(N, 2)``; ``num_gaussians=1, learn_std=False`` is the
   flow-matching baseline.
 
-``scan_blocks`` (default True in ``base_config``) runs the GM-DiT blocks as one ``lax.scan`` in the
-train step: on XLA:CPU the unrolled step of an S/2 model costs 2–4× more (batch 8–32) and its network
-gradient compiles 6× longer (docs/performance.md). Sampling always builds the blocks unrolled; the
-parameters are the same.
+``time_scale`` (``'gmdit'``; 1000 where a config predates it): the network embeds σ · time_scale
+(``GMDiT``): 1000 for GMFlow and DiT, 1 for the authors' pi-Flow students of the REPA teacher.
 
 Both are held by ``GMFlowModel`` so that one parameter tree ``{'net': ..., 'spectrum': ...}`` is
 trained, averaged (EMA) and checkpointed.
@@ -25,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gmflow_jax.flow import TAU_SCALE
 from gmflow_jax.models.gmdit import GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP
 from gmflow_jax.models.toy import ToyGMFlow
@@ -75,6 +74,7 @@ def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFl
         mlp_ratio=mcfg.mlp_ratio,
         freq_shift=mcfg.freq_shift,
         logstd_inner_dim=mcfg.logstd_inner_dim,
+        time_scale=float(mcfg.get("time_scale", TAU_SCALE)),
         dtype=jnp.dtype(mcfg.dtype),
         remat=mcfg.remat if remat is None else remat,
         rngs=rngs,

@@ -4,6 +4,11 @@ Channel-last throughout: ``x (N, H, W, C)``, ``tau (N,)`` (= 1000·t), ``labels 
 ``[0, num_classes]`` (``num_classes`` is the null class) -> ``GM(means (N, H, W, K, C),
 logweights (N, H, W, K), logstds (N, 1, 1, 1, 1))`` in float32.
 
+The authors' GM-DiT V2 (pi-Flow's student class, ``GMDiTTransformer2DModelV2``) computes the same
+function as V1 with its head split into a means and a logits projection (merged into ``head`` by
+``models.convert``) and the logstd MLP renamed; its students of the REPA teacher see the time as σ
+rather than 1000σ, which ``time_scale`` covers (docs/method.md §10.8).
+
 Every parameter is float32 and carries logical axis names (``out_sharding`` metadata, read
 by ``nnx.get_partition_spec``); a trainer maps them to mesh axes with logical axis rules.
 The names used are listed in ``LOGICAL_AXES``.
@@ -21,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gmflow_jax.flow import TAU_SCALE
 from gmflow_jax.gm import GM
 
 Array = jax.Array
@@ -241,6 +247,7 @@ class GMDiT(nnx.Module):
         freq_shift: float = 0.0,
         mlp_norm_eps: float = 1e-5,
         logstd_inner_dim: int = 1024,
+        time_scale: float = TAU_SCALE,
         dtype: jnp.dtype | str = jnp.float32,
         remat: bool = False,
         attention_impl: str | None = None,
@@ -251,10 +258,12 @@ class GMDiT(nnx.Module):
 
         ``freq_shift``: 0 for the released model / original DiT, 1 for diffusers' stock DiT.
         ``mlp_norm_eps``: eps of the MLP-branch LayerNorm (diffusers' ``norm_eps``, 1e-5;
-        the original DiT uses 1e-6). ``remat`` rematerialises every block in the backward
-        pass. ``attention_impl`` goes to ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on
-        GPUs). ``eager_sharding``: False stores the logical axis names as metadata only (no mesh
-        needed); None follows ``nnx.use_eager_sharding``.
+        the original DiT uses 1e-6). ``time_scale``: the network embeds the time ``σ · time_scale``,
+        i.e. ``tau · time_scale / 1000``: 1000 (GMFlow, DiT) takes ``tau`` as it is; the authors' pi-Flow
+        students of the REPA teacher were trained with 1 (their ``num_timesteps``). ``remat``
+        rematerialises every block in the backward pass. ``attention_impl`` goes to
+        ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on GPUs). ``eager_sharding``: False stores
+        the logical axis names as metadata only (no mesh needed); None follows ``nnx.use_eager_sharding``.
         """
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         p = patch_size
@@ -264,6 +273,8 @@ class GMDiT(nnx.Module):
             raise ValueError(
                 f"hidden_size {hidden_size} must be divisible by num_heads {num_heads} and by 4 (position embedding)."
             )
+        if not time_scale > 0:
+            raise ValueError(f"time_scale must be > 0; got {time_scale}.")
         if not 0 <= freq_shift < TIME_FREQ_DIM // 2:
             raise ValueError(f"freq_shift must lie in [0, {TIME_FREQ_DIM // 2}); got {freq_shift}.")
         if min(in_channels, num_gaussians, num_classes, depth) < 1:
@@ -281,6 +292,7 @@ class GMDiT(nnx.Module):
         self.patch_size = p
         self.hidden_size = hidden_size
         self.freq_shift = float(freq_shift)
+        self.time_scale = float(time_scale)
         self.remat = remat
         self.dtype = dtype
         kw = dict(dtype=dtype, eager_sharding=eager_sharding, rngs=rngs)
@@ -335,6 +347,8 @@ class GMDiT(nnx.Module):
 
     def conditioning(self, tau: Array, labels: Array) -> Array:
         """c = time embedding + class embedding: tau (N,), labels (N,) -> (N, D) in the compute dtype."""
+        if self.time_scale != TAU_SCALE:
+            tau = jnp.asarray(tau, jnp.float32) * (self.time_scale / TAU_SCALE)
         t = timestep_features(tau, TIME_FREQ_DIM, self.freq_shift)
         t = self.time_fc2(nnx.silu(self.time_fc1(t)))
         return t + self.class_embed(labels)
