@@ -16,19 +16,21 @@ from gmflow_jax import checkpoint, cli, solvers
 from gmflow_jax.evaluate import plots, scoring
 from gmflow_jax.evaluate.sampling import Setting, evaluate_samples, read_metrics, write_metrics
 from gmflow_jax.multihost import barrier
-from gmflow_jax.sampling import Sampler
+from gmflow_jax.sampling import SOLVERS, Sampler
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Trainer workdir (or a converted published checkpoint).")
 flags.DEFINE_string("out", None, "Output folder (local or gs://): one sub-folder per setting, metrics.json on top.")
 flags.DEFINE_integer("num_samples", 50_000, "Samples per setting.")
-flags.DEFINE_enum("solver", "gm-ode", solvers.SOLVERS, "Solver.")
+flags.DEFINE_enum("solver", None, SOLVERS, "Solver (default: 'piflow' for a pi-Flow student, else 'gm-ode').")
 flags.DEFINE_integer("order", 2, "Order of the GM solvers.")
-flags.DEFINE_integer("num_steps", 8, "Sampling steps.")
+flags.DEFINE_integer("num_steps", None, "Sampling steps (default: 8; a pi-Flow student: config.distill.nfe).")
 flags.DEFINE_integer("num_substeps", 1, "GM-ODE sub-steps per step.")
+flags.DEFINE_integer("total_substeps", None, "piflow: the policy's Euler sub-steps (default: config.distill's).")
+flags.DEFINE_float("temperature", None, "piflow: the policy's temperature (default: config.distill's).")
 flags.DEFINE_list("guidance", ["0.0"], "Guidance values, comma-separated: one compiled sweep.")
 flags.DEFINE_float("orthogonal", None, "Guidance bias projection (default: 1 for GM solvers, 0 for baselines).")
-flags.DEFINE_float("shift", 1.0, "Time-grid shift.")
+flags.DEFINE_float("shift", None, "Time-grid shift (default: 1; a pi-Flow student: config.distill.shift).")
 flags.DEFINE_integer("seed", 0, "Seed of the labels, the noise and the solver.")
 flags.DEFINE_integer("chunk_size", 256, "Samples per compiled call and per resumable chunk (fixes GM-SDE noise).")
 flags.DEFINE_string("ref", None, "Reference: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or one of ours.")
@@ -47,11 +49,24 @@ def main(argv: list[str]) -> None:
         guidance = [float(v) for v in FLAGS.guidance]
     except ValueError as e:
         raise ValueError(f"--guidance must be numbers separated by commas; got {FLAGS.guidance!r}.") from e
-    setting = Setting(FLAGS.solver, FLAGS.order, FLAGS.num_steps, FLAGS.num_substeps, FLAGS.orthogonal, FLAGS.shift)
-    solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, guidance)
+    setting = Setting(
+        FLAGS.solver,
+        FLAGS.order,
+        FLAGS.num_steps,
+        FLAGS.num_substeps,
+        FLAGS.orthogonal,
+        FLAGS.shift,
+        FLAGS.total_substeps,
+        FLAGS.temperature,
+    )
+    solver = setting.solver or "gm-ode"  # a default solver is 'gm-ode' unless the model is a pi-Flow student
+    if solver in solvers.SOLVERS:  # checked before anything is loaded; 'piflow' is checked against the model
+        steps = 8 if setting.num_steps is None else setting.num_steps
+        solvers.check_settings(solver, setting.order, steps, setting.num_substeps, guidance)
     checkpoint.check_writable(FLAGS.out, "--out")
     cli.initialize_multihost()
     sampler = Sampler.from_checkpoint(FLAGS.workdir)
+    setting = setting.resolve(sampler)
     net, ref = scoring.prepare(
         sampler,
         FLAGS.out,

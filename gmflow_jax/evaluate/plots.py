@@ -15,7 +15,9 @@ CSV_KEYS = ("solver", "order", "num_steps", "num_substeps", "guidance", "num_sam
 
 
 def curve_name(row: dict[str, Any]) -> str:
-    """'GM-ODE 2, 8×16' for a row of metrics.json."""
+    """'GM-ODE 2, 8×16' (a pi-Flow student: 'PIFLOW, 1 NFE, T 1') for a row of metrics.json."""
+    if row["solver"] == "piflow":
+        return f"PIFLOW, {row['num_steps']} NFE, T {row.get('temperature', 1.0):g}"
     return f"{row['solver'].upper()} {row['order']}, {row['num_steps']}×{row['num_substeps']}"
 
 

@@ -3,7 +3,8 @@
     python -m gmflow_jax.evaluate --workdir DIR --out DIR [--num_samples 50000] [--solver gm-ode] [--order 2]
         [--num_steps 8] [--num_substeps 1] [--guidance 0.0,0.1,...] [--seed 0]
 
-For one solver setting and a list of guidance values it writes one folder per guidance value,
+For one solver setting and a list of guidance values it writes one folder per guidance value
+(a pi-Flow student, ``--solver piflow``, its default: one guidance value, 0; guidance is baked into it),
 ``<out>/<setting>/samples.npz`` in the ADM evaluator's format (``arr_0`` uint8 ``(N, H, W, 3)``, plus
 ``labels``), a picture grid ``grid.png`` (the same classes and seeds in every setting) and a row in
 ``<out>/metrics.json``.
@@ -36,7 +37,7 @@ from etils import epath
 from gmflow_jax import solvers
 from gmflow_jax.checkpoint import open_npz, workdir_path, write_atomic, write_npz
 from gmflow_jax.multihost import barrier
-from gmflow_jax.sampling import NOISE_KEY, Sampler
+from gmflow_jax.sampling import NOISE_KEY, PIFLOW, Sampler
 from gmflow_jax.viz import save_grid_png
 
 GRID_CLASSES, GRID_PER_CLASS = 8, 8
@@ -44,17 +45,29 @@ GRID_CLASSES, GRID_PER_CLASS = 8, 8
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-    """One solver setting; ``guidance`` values are swept within it."""
+    """One solver setting; ``guidance`` values are swept within it. ``None``: the model's default
+    (``Sampler.settings``; ``resolve`` fills them in): 'gm-ode', 8 steps, shift 1, or for a pi-Flow student
+    'piflow' and its ``config.distill`` (``total_substeps`` and ``temperature`` are pi-Flow's only)."""
 
-    solver: str = "gm-ode"
+    solver: str | None = None
     order: int = 2
-    num_steps: int = 8
+    num_steps: int | None = None
     num_substeps: int = 1
     orthogonal: float | None = None
-    shift: float = 1.0
+    shift: float | None = None
+    total_substeps: int | None = None
+    temperature: float | None = None
 
     def name(self, guidance: float) -> str:
+        if self.solver == PIFLOW:
+            return f"{PIFLOW}_{self.num_steps}x{self.total_substeps}_T{self.temperature:g}_w{guidance:g}"
         return f"{self.solver}{self.order}_{self.num_steps}x{self.num_substeps}_w{guidance:g}"
+
+    def resolve(self, sampler: Sampler) -> Setting:
+        """This setting with the model's defaults filled in; ValueError, one line, for one the model refuses."""
+        s = sampler.settings(self.solver, self.num_steps, self.shift, self.total_substeps, self.temperature)
+        fields = ("solver", "num_steps", "shift", "total_substeps", "temperature")
+        return dataclasses.replace(self, **{k: s.get(k) for k in fields})
 
 
 def eval_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
@@ -94,7 +107,15 @@ def evaluate_samples(
         raise ValueError(f"num_samples and chunk_size must be >= 1; got {num_samples} and {chunk_size}.")
     if not guidance:
         raise ValueError("guidance must list at least one value.")
-    solvers.check_settings(setting.solver, setting.order, setting.num_steps, setting.num_substeps, np.asarray(guidance))
+    setting = setting.resolve(sampler)
+    if setting.solver == PIFLOW:
+        if list(guidance) != [0.0]:
+            raise ValueError(f"guidance is baked into a pi-Flow student: guidance must be [0.0]; got {guidance}.")
+    else:
+        solvers.check_settings(
+            setting.solver, setting.order, setting.num_steps, setting.num_substeps, np.asarray(guidance)
+        )
+    policy = {"total_substeps": setting.total_substeps, "temperature": setting.temperature}
     labels = eval_labels(num_samples, sampler.num_classes, seed)
     folders = [workdir_path(out) / setting.name(w) for w in guidance]
     chunks = -(-num_samples // chunk_size)
@@ -115,13 +136,15 @@ def evaluate_samples(
             order=setting.order,
             num_steps=setting.num_steps,
             num_substeps=setting.num_substeps,
-            guidance=list(guidance),
+            guidance=0.0 if setting.solver == PIFLOW else list(guidance),
             orthogonal=setting.orthogonal,
             shift=setting.shift,
             batch_size=chunk_size,
             noise=np.asarray(_noise(jax.random.PRNGKey(seed), padded, sampler.data_shape)),
             progress=False,
-        )[:, : len(idx)]
+            **(policy if setting.solver == PIFLOW else {}),
+        )
+        x = (x[None] if setting.solver == PIFLOW else x)[:, : len(idx)]
         for f, xs in zip(folders, x, strict=True):
             images = sampler.decode(xs) if sampler.config.model.get("vae", "") else to_uint8_rgb(xs)
             write_npz(_chunk_path(f, c), images=images, labels=labels[idx], indices=idx)

@@ -7,11 +7,24 @@ Colab use::
     x0 = sampler.sample(0, labels=sampler.class_grid(8))          # (80, 8, 8, 1) numpy, classes in order
     xs = sampler.sample(0, labels=3, num_samples=16, solver="gm-sde", guidance=[0.0, 0.1, 0.3])  # (3, 16, 8, 8, 1)
 
+A pi-Flow student (a run whose ``config.distill.nfe`` is N ≥ 1, docs/method.md §10) is sampled with its
+own policy, ``solver='piflow'``, the default for it::
+
+    student = Sampler.from_checkpoint("runs/piflow_1step")
+    x0 = student.sample(0, labels=[88, 207], decode=True)      # N = distill.nfe network evaluations
+    x0 = student.sample(0, labels=[88, 207], solver="piflow", num_steps=2, total_substeps=128, temperature=0.3)
+
+``num_steps``, ``total_substeps``, ``temperature``, ``final_step_size_scale`` and ``shift`` default to the
+run's ``config.distill``. A student takes no guidance (it is baked in by distillation) and no other
+solver (its network is trained only at the starts of its N steps); ``'piflow'`` on a model that is not
+a student is refused too. Each is one line naming the value.
+
 ``sample`` compiles one function per static configuration (solver, order, steps, sub-steps,
-guided or not, sweep length, chunk size); the guidance ``w̃``, ``orthogonal`` and ``shift`` are
-traced, so a sweep never recompiles. Sample ``i`` starts from noise drawn with
-``fold_in(key, i)``, so GM-ODE samples do not depend on ``batch_size`` (GM-SDE noise is drawn per
-chunk). The command line is ``python -m gmflow_jax.sampling`` (``__main__``).
+guided or not, sweep length, chunk size); the guidance ``w̃``, ``orthogonal``, ``shift`` and pi-Flow's
+``temperature`` and ``final_step_size_scale`` are traced, so a sweep never recompiles. Sample ``i``
+starts from noise drawn with ``fold_in(key, i)``, so GM-ODE and pi-Flow samples do not depend on
+``batch_size`` (GM-SDE noise is drawn per chunk). The command line is ``python -m gmflow_jax.sampling``
+(``__main__``).
 
 This package reads checkpoints only through ``gmflow_jax.checkpoint`` and imports neither the
 trainer nor the data pipeline (grain, TFDS).
@@ -33,10 +46,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import solvers
+from gmflow_jax import piflow, solvers
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 
 NOISE_KEY, SOLVER_KEY = 0, 1  # fold_in offsets of the user's key
+PIFLOW = "piflow"  # a pi-Flow student's own N-step policy sampler (piflow.piflow_sample)
+SOLVERS = (*solvers.SOLVERS, PIFLOW)
+# config.distill's sampling fields and their values where a config predates the section
+DISTILL_DEFAULTS = {"nfe": 0, "total_substeps": 128, "temperature": 1.0, "final_step_size_scale": 1.0, "shift": 1.0}
 
 
 class SamplingCheckpointError(ckpt_lib.CheckpointError, ValueError):
@@ -59,22 +76,53 @@ def _load_step(directory: str, step: int, which: str, sharding: NamedSharding) -
     return graphdef, params, config
 
 
+def distill_settings(config: Any) -> dict[str, Any]:
+    """The pi-Flow sampling fields of ``config.distill`` (``DISTILL_DEFAULTS`` for any it lacks: a run whose
+    config predates the section is not a student)."""
+    d = config.get("distill", None) or {}
+    return {k: type(v)(d.get(k, v)) for k, v in DISTILL_DEFAULTS.items()}
+
+
 def sample_fn(graphdef: nnx.GraphDef, data_shape: tuple[int, ...], null_label: int | None, static: tuple) -> Callable:
     """The (unjitted) sampler of one static configuration
     ``(solver, order, num_steps, num_substeps, guided, sweep, use_spectrum)``:
     ``(params, k_noise, k_solver, index (N,), labels (N,) | None, guidance () | (G,), orthogonal, shift,
-    noise=None) -> x0``.
+    noise=None, temperature=1.0, final_step_size_scale=1.0) -> x0``.
 
     Sample ``i`` starts from ``noise[i]`` when ``noise`` (N, *data_shape) is given, else from
-    ``normal(fold_in(k_noise, index[i]))``.
+    ``normal(fold_in(k_noise, index[i]))``. For ``solver='piflow'`` (a pi-Flow student) ``num_substeps``
+    is the policy's ``total_substeps``, ``order``, ``guided``, ``sweep`` and ``use_spectrum`` are unused
+    and ``guidance``, ``orthogonal`` and ``k_solver`` ignored (the sampler is deterministic);
+    ``temperature`` and ``final_step_size_scale`` are used by it only.
     """
     solver, order, num_steps, num_substeps, guided, sweep, use_spectrum = static
 
-    def run(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None):
+    def start(k_noise, index, noise):
+        if noise is not None:
+            return noise
+        draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape, jnp.float32)  # noqa: E731
+        return jax.vmap(draw)(index)
+
+    if solver == PIFLOW:
+
+        def run_student(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None, *policy):
+            temperature, final_step_size_scale = policy if policy else (1.0, 1.0)
+            return piflow.piflow_sample(
+                nnx.merge(graphdef, params).net,
+                start(k_noise, index, noise),
+                labels,
+                num_steps=num_steps,
+                total_substeps=num_substeps,
+                temperature=temperature,
+                shift=shift,
+                final_step_size_scale=final_step_size_scale,
+            )
+
+        return run_student
+
+    def run(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None, *_policy):
         model = nnx.merge(graphdef, params)
-        if noise is None:
-            draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape, jnp.float32)  # noqa: E731
-            noise = jax.vmap(draw)(index)
+        noise = start(k_noise, index, noise)
         spectrum_fn = model.spectrum if use_spectrum else None
 
         def one(w: jax.Array) -> jax.Array:
@@ -136,6 +184,7 @@ class Sampler:
         self.num_classes = int(config.model.get("num_classes", 0) or 0)
         self.null_label = self.num_classes if self.num_classes > 0 else None
         self.has_spectrum = bool(config.model.get("spectrum", False))
+        self.distill = distill_settings(config)
         self.workdir = workdir
         self._vae: Any = None
         self._fns: dict[tuple, Callable[..., jax.Array]] = {}
@@ -217,6 +266,76 @@ class Sampler:
         return self._vae
 
     @property
+    def is_student(self) -> bool:
+        """A pi-Flow student (``config.distill.nfe >= 1``): sampled with ``solver='piflow'`` only."""
+        return self.distill["nfe"] >= 1
+
+    @property
+    def default_solver(self) -> str:
+        """``'piflow'`` for a pi-Flow student, else ``'gm-ode'``."""
+        return PIFLOW if self.is_student else "gm-ode"
+
+    def settings(
+        self,
+        solver: str | None = None,
+        num_steps: int | None = None,
+        shift: float | None = None,
+        total_substeps: int | None = None,
+        temperature: float | None = None,
+        final_step_size_scale: float | None = None,
+    ) -> dict[str, Any]:
+        """The settings ``sample`` uses for these arguments (None: the model's default), checked against the
+        model: ``{'solver', 'num_steps', 'shift'}`` plus, for 'piflow', ``total_substeps``, ``temperature`` and
+        ``final_step_size_scale``. ValueError, one line naming the value, for 'piflow' on a model that is not a
+        student, another solver on a student, or a pi-Flow setting with another solver."""
+        solver = self.default_solver if solver is None else solver
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}.")
+        nfe = self.distill["nfe"]
+        policy = dict(
+            total_substeps=total_substeps, temperature=temperature, final_step_size_scale=final_step_size_scale
+        )
+        if solver != PIFLOW:
+            if self.is_student:
+                raise ValueError(
+                    f"solver={solver!r}: this model is a pi-Flow student (config.distill.nfe = {nfe}), trained to be "
+                    f"sampled by its own policy only: use solver={PIFLOW!r} (the default for it)."
+                )
+            given = [k for k, v in policy.items() if v is not None]
+            if given:
+                raise ValueError(f"{given[0]} is a setting of solver={PIFLOW!r}; got solver={solver!r}.")
+            return {
+                "solver": solver,
+                "num_steps": 8 if num_steps is None else num_steps,
+                "shift": 1.0 if shift is None else shift,
+            }
+        if not self.is_student:
+            raise ValueError(
+                f"solver={PIFLOW!r}: this model is not a pi-Flow student (config.distill.nfe = {nfe}); "
+                f"use one of {solvers.SOLVERS}."
+            )
+        out = {"solver": solver, "num_steps": nfe if num_steps is None else num_steps}
+        out["shift"] = self.distill["shift"] if shift is None else shift
+        out.update({k: self.distill[k] if v is None else v for k, v in policy.items()})
+        for name in ("num_steps", "total_substeps"):
+            value = out[name]
+            if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}.")
+        for name in ("temperature", "final_step_size_scale"):
+            value = out[name]
+            if not (isinstance(value, int | float | np.floating) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"{name} must be a number > 0; got {value!r}.")
+        if out["num_steps"] != nfe:
+            logging.warning(
+                "sampling a %d-step pi-Flow student with num_steps=%d: its network was trained at the starts of "
+                "its own %d steps only",
+                nfe,
+                out["num_steps"],
+                nfe,
+            )
+        return out
+
+    @property
     def num_traces(self) -> int:
         """Total number of times any sampling function was traced (= compiled)."""
         return sum(self.traces.values())
@@ -266,6 +385,23 @@ class Sampler:
                 logging.warning("guidance with a model trained without label dropout: its null class is untrained")
         return g.astype(np.float32), g.ndim == 1
 
+    def _check_student_arguments(self, guidance: Any, orthogonal: Any, num_substeps: Any) -> None:
+        """ValueError, one line, for a GM-solver argument given to 'piflow' (a student is sampled without guidance)."""
+        try:
+            unguided = np.all(np.asarray(guidance, np.float64) == 0.0) and np.ndim(guidance) == 0
+        except (TypeError, ValueError):
+            unguided = False
+        if not unguided or orthogonal is not None:
+            raise ValueError(
+                f"guidance is baked into a pi-Flow student by distillation: solver={PIFLOW!r} takes guidance=0.0 "
+                f"and orthogonal=None; got guidance={guidance!r}, orthogonal={orthogonal!r}."
+            )
+        if num_substeps != 1:
+            raise ValueError(
+                f"num_substeps is GM-ODE's; solver={PIFLOW!r} takes total_substeps (the policy's Euler sub-steps "
+                f"over the whole trajectory); got num_substeps={num_substeps!r}."
+            )
+
     def _function(self, static: tuple) -> Callable[..., jax.Array]:
         """The jitted sampler of one static configuration (built once, then cached)."""
         if static in self._fns:
@@ -288,24 +424,30 @@ class Sampler:
         labels: Any = None,
         num_samples: int | None = None,
         *,
-        solver: str = "gm-ode",
+        solver: str | None = None,
         order: int = 2,
-        num_steps: int = 8,
+        num_steps: int | None = None,
         num_substeps: int = 1,
         guidance: float | Sequence[float] | np.ndarray = 0.0,
         orthogonal: float | None = None,
-        shift: float = 1.0,
+        shift: float | None = None,
         batch_size: int = 512,
         use_spectrum: bool = True,
         progress: bool | None = None,
         noise: Any = None,
         decode: bool = False,
+        total_substeps: int | None = None,
+        temperature: float | None = None,
+        final_step_size_scale: float | None = None,
     ) -> np.ndarray:
         """Draws ``x0``: (N, *data_shape), or (G, N, *data_shape) when ``guidance`` is a 1-D sweep of G values.
 
         ``key``: a PRNG key or an int seed. ``labels``: (N,) ints in ``[0, num_classes)``, a single
         int (with ``num_samples``), or None (classes ``i % num_classes``; unconditional models: None).
-        ``solver`` ∈ {'gm-ode', 'gm-sde', 'euler', 'ddpm', 'dpmpp-2m'}; ``guidance``: the
+        ``solver`` ∈ {'gm-ode', 'gm-sde', 'euler', 'ddpm', 'dpmpp-2m'} (default 'gm-ode', ``num_steps`` 8,
+        ``shift`` 1) or, for a pi-Flow student only, 'piflow' (its default; see the module docstring:
+        ``num_steps``, ``shift``, ``total_substeps``, ``temperature``, ``final_step_size_scale`` default to its
+        ``config.distill``; ``order`` is not used; no guidance); ``guidance``: the
         probabilistic ``w̃ ∈ [0, 1)`` (GM solvers) or the CFG scale (baselines); ``orthogonal``: the
         guidance bias projection (None: 1 for GM solvers, 0 = plain CFG for baselines); ``num_substeps``
         for 'gm-ode' only. 'gm-sde' uses the model's SpectrumMLP on images when it has one and
@@ -315,7 +457,13 @@ class Sampler:
         made elsewhere). ``decode``: return uint8 images (N, H, W, 3) (or (G, N, H, W, 3)) through the
         run's VAE (see ``decode``).
         """
-        solvers.check_settings(solver, order, num_steps, num_substeps, guidance)
+        setting = self.settings(solver, num_steps, shift, total_substeps, temperature, final_step_size_scale)
+        solver, num_steps, shift = setting["solver"], setting["num_steps"], setting["shift"]
+        if solver == PIFLOW:
+            self._check_student_arguments(guidance, orthogonal, num_substeps)
+            num_substeps, orthogonal, order = setting["total_substeps"], 0.0, 0
+        else:
+            solvers.check_settings(solver, order, num_steps, num_substeps, guidance)
         if not isinstance(batch_size, int | np.integer) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
         if not (isinstance(shift, int | float) and shift > 0):
@@ -353,6 +501,8 @@ class Sampler:
         rep = self._replicated
         g_dev = jax.device_put(jnp.asarray(g), rep)
         orth_dev, shift_dev = jax.device_put(jnp.float32(orthogonal), rep), jax.device_put(jnp.float32(shift), rep)
+        policy = [setting.get(k, 1.0) for k in ("temperature", "final_step_size_scale")]
+        policy_dev = [jax.device_put(jnp.float32(v), rep) for v in policy]
 
         def launch(start: int) -> jax.Array:
             index = np.arange(start, start + chunk, dtype=np.int32)
@@ -376,6 +526,7 @@ class Sampler:
                 orth_dev,
                 shift_dev,
                 given,
+                *policy_dev,
             )
 
         outs: list[np.ndarray] = []
