@@ -70,6 +70,7 @@ def _trunk(mcfg: Any) -> dict[str, Any]:
     else:
         out = {k: int(mcfg[k]) for k in ("hidden_size", "depth", "num_heads", "patch_size")}
     out["mlp_ratio"] = float(mcfg.mlp_ratio)
+    out["time_scale"] = float(mcfg.get("time_scale", 1000.0))  # the time MLP's input scale (σ · time_scale)
     return out
 
 
