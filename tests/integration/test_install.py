@@ -80,7 +80,8 @@ def test_installed_package_loads_configs_and_runs_the_demo(installed, tmp_path):
     )
     result = run_installed(installed, tmp_path, "-c", check)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "['checkerboard_k64', 'digits_gmdit', 'imagenet_gmdit_k8'] 32" in result.stdout
+    packaged = ["checkerboard_k64", "checkerboard_piflow", "digits_gmdit", "digits_piflow", "imagenet_gmdit_k8"]
+    assert f"{packaged + ['imagenet_piflow_k32']} 32" in result.stdout
     flags = ["--config=digits_gmdit:tiny", "--train_steps=4", "--eval_per_class=2", "--steps=2"]
     result = run_installed(
         installed, tmp_path, "-m", "gmflow_jax.demo", "--workdir=demo", f"--data_dir={tmp_path / 'tfds'}", *flags
