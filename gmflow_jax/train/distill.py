@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -250,16 +251,31 @@ def _tile_head(a: jax.Array, p2: int, kt: int, ks: int, c: int, interleaved: boo
     return jnp.concatenate([means, logits], axis=-1).reshape(*lead, p2 * ks * (c + 1))
 
 
-def fresh_tensors(student: Any, teacher_params: Any) -> list[str]:
-    """Paths of the student's tensors that ``student_from_teacher`` leaves as initialised (no teacher tensor
-    of that path; the GM head and its bias are tiled, not fresh)."""
+HEAD = "['net']['head']"  # the GM head's tensors: tiled from the teacher's when K differs
+
+
+def _source(name: str, leaf: Any, other: Any) -> str:
+    """Where a student tensor starts: 'copy' (the teacher's of the same path and shape), 'tile' (the GM head
+    of another K) or 'fresh' (as initialised)."""
+    if other is None:
+        return "fresh"
+    if other.shape == leaf.shape:
+        return "copy"
+    return "tile" if name.startswith(HEAD) else "fresh"
+
+
+def _with_teacher(student: Any, teacher_params: Any, fn: Callable[[str, Any, Any], Any]) -> Any:
+    """``fn(path name, student leaf, teacher leaf or None)`` over the student's tensors."""
     flat_t = dict(jax.tree_util.tree_flatten_with_path(teacher_params)[0])
-    out = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(student)[0]:
-        name, other = jax.tree_util.keystr(path), flat_t.get(path)
-        if other is None or (other.shape != leaf.shape and not name.startswith("['net']['head']")):
-            out.append(name)
-    return out
+    return jax.tree_util.tree_map_with_path(
+        lambda path, leaf: fn(jax.tree_util.keystr(path), leaf, flat_t.get(path)), student
+    )
+
+
+def fresh_tensors(student: Any, teacher_params: Any) -> list[str]:
+    """Paths of the student's tensors that ``student_from_teacher`` leaves as initialised."""
+    kinds = _with_teacher(student, teacher_params, lambda name, leaf, other: (name, _source(name, leaf, other)))
+    return [name for name, kind in jax.tree.leaves(kinds, is_leaf=lambda x: isinstance(x, tuple)) if kind == "fresh"]
 
 
 def student_from_teacher(
@@ -281,33 +297,25 @@ def student_from_teacher(
     toy = s.kind == "toy"
     p2 = 1 if toy else _trunk(s)["patch_size"] ** 2
     kt, ks, c = int(t.num_gaussians), int(s.num_gaussians), data_shape(s)[-1]
-    flat_s = dict(jax.tree_util.tree_flatten_with_path(student)[0])
-    flat_t = dict(jax.tree_util.tree_flatten_with_path(teacher_params)[0])
-    out = {}
-    for path, leaf in flat_s.items():
-        name = jax.tree_util.keystr(path)
-        other = flat_t.get(path)
-        if other is not None and other.shape == leaf.shape:
-            out[path] = jnp.asarray(other, leaf.dtype)
-        elif other is not None and name.startswith("['net']['head']"):
-            tiled = _tile_head(jnp.asarray(other, leaf.dtype), p2, kt, ks, c, interleaved=toy)
-            if name.endswith("['bias']"):
-                noise = mean_noise * jax.random.normal(key, (ks, c), leaf.dtype)
-                if toy:
-                    offsets = jnp.concatenate([noise, jnp.zeros((ks, 1), leaf.dtype)], axis=-1).reshape(-1)
-                else:
-                    offsets = jnp.tile(jnp.concatenate([noise.reshape(-1), jnp.zeros((ks,), leaf.dtype)]), p2)
-                tiled = tiled + offsets
-            out[path] = tiled
-        else:
-            out[path] = leaf
-    if teacher.flow_matching:
-        logstd_bias = "['net']['std_out']['bias']" if toy else "['net']['logstd_fc2']['bias']"
-        for path in out:
-            if jax.tree_util.keystr(path) == logstd_bias:
-                out[path] = jnp.full_like(out[path], FLOW_MATCHING_LOGSTD)
-    treedef = jax.tree_util.tree_structure(student)
-    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_s])
+    logstd_bias = "['net']['std_out']['bias']" if toy else "['net']['logstd_fc2']['bias']"
+
+    def start(name: str, leaf: Any, other: Any) -> Any:
+        if teacher.flow_matching and name == logstd_bias:
+            return jnp.full_like(leaf, FLOW_MATCHING_LOGSTD)
+        kind = _source(name, leaf, other)
+        if kind == "copy":
+            return jnp.asarray(other, leaf.dtype)
+        if kind == "fresh":
+            return leaf
+        tiled = _tile_head(jnp.asarray(other, leaf.dtype), p2, kt, ks, c, interleaved=toy)
+        if not name.endswith("['bias']"):
+            return tiled
+        noise = mean_noise * jax.random.normal(key, (ks, c), leaf.dtype)
+        if toy:
+            return tiled + jnp.concatenate([noise, jnp.zeros((ks, 1), leaf.dtype)], axis=-1).reshape(-1)
+        return tiled + jnp.tile(jnp.concatenate([noise.reshape(-1), jnp.zeros((ks,), leaf.dtype)]), p2)
+
+    return _with_teacher(student, teacher_params, start)
 
 
 def piid_objective(

@@ -16,9 +16,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from gmflow_jax import piflow
 from gmflow_jax.models.factory import build_model, split_params
-from gmflow_jax.sampling import NOISE_KEY, SOLVER_KEY, sample_fn
+from gmflow_jax.sampling import NOISE_KEY, PIFLOW, SOLVER_KEY, sample_fn
 from gmflow_jax.sharding import replicated
 
 
@@ -34,29 +33,16 @@ def make_preview_fn(config: Any, mesh: Mesh, data_shape: tuple[int, ...]) -> Cal
     n = lc.sample_points if labels is None else labels.shape[0]
     graphdef, _ = split_params(nnx.eval_shape(lambda: build_model(mc, nnx.Rngs(0), remat=False)))
     d = config.distill
-    if d.nfe > 0:
-
-        def sample_student(params: Any, key: jax.Array) -> jax.Array:
-            k_noise = jax.random.fold_in(key, NOISE_KEY)
-            noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape))(jnp.arange(n))
-            net = nnx.merge(graphdef, params).net
-            return piflow.piflow_sample(
-                net,
-                noise,
-                labels,
-                num_steps=d.nfe,
-                total_substeps=d.total_substeps,
-                temperature=d.temperature,
-                shift=d.shift,
-                final_step_size_scale=d.final_step_size_scale,
-            )
-
-        return jax.jit(sample_student, out_shardings=replicated(mesh))
-    static = ("gm-ode", lc.sample_order, lc.sample_steps, 1, False, False, False)
+    if d.nfe > 0:  # a pi-Flow student: its own N-step policy sampler
+        static = (PIFLOW, 1, d.nfe, d.total_substeps, False, False, False)
+        shift, policy = d.shift, (d.temperature, d.final_step_size_scale)
+    else:
+        static = ("gm-ode", lc.sample_order, lc.sample_steps, 1, False, False, False)
+        shift, policy = 1.0, ()
     run = sample_fn(graphdef, data_shape, None, static)
 
     def sample(params: Any, key: jax.Array) -> jax.Array:
         k_noise, k_solver = jax.random.fold_in(key, NOISE_KEY), jax.random.fold_in(key, SOLVER_KEY)
-        return run(params, k_noise, k_solver, jnp.arange(n), labels, 0.0, 0.0, 1.0)
+        return run(params, k_noise, k_solver, jnp.arange(n), labels, 0.0, 0.0, shift, None, *policy)
 
     return jax.jit(sample, out_shardings=replicated(mesh))
