@@ -14,13 +14,16 @@ each timed as the median of ``--steps`` calls after one warm-up call (CPU time o
 in the JSON lines), plus compile times (CPU time), XLA's FLOP estimate (``compiled.cost_analysis()``)
 of both and the step's temporaries (``compiled.memory_analysis()``: activations and workspace).
 ``--accum`` runs each case at every given ``config.grad_accum_steps`` (the same batch in that many
-micro-batches). ``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual_barrier``) by the
-identity: the network as it was before issue 12, whose backward pass XLA:CPU compiles quadratically in
-depth (docs/performance.md).
+micro-batches). ``--profile`` adds where the step's time goes (``step_profile.py``: forward, backward and
+update, matmuls against elementwise work, random draws), as shares of one traced process.
+``--no-barrier`` replaces the residual-stream barrier (``models.gmdit.residual_barrier``) by the identity:
+the network as it was before issue 12, whose backward pass XLA:CPU compiles quadratically in depth
+(docs/performance.md).
 
     python bench/train_step.py                                 # all cases, markdown table
     python bench/train_step.py --cases s2_b32 --accum 1 2 4    # gradient accumulation: k micro-batches
     python bench/train_step.py --cases s2_b8 --no-barrier      # the step before issue 12, for comparison
+    python bench/train_step.py --cases s2_b8 --profile         # and where its time goes
 
 Run one invocation at a time: two at once on the two cores slow each other down by up to 25 %.
 """
@@ -92,12 +95,13 @@ def _median_time(fn, steps: int) -> tuple[float, float]:
     return sorted(cpu)[len(cpu) // 2], sorted(wall)[len(wall) // 2]
 
 
-def run_case(name: str, steps: int, barrier: bool, accum: int = 1) -> dict:
+def run_case(name: str, steps: int, barrier: bool, accum: int = 1, profile: bool = False) -> dict:
     """Measures one case in this process; returns a JSON-able dict."""
     import jax
     import jax.numpy as jnp
     from common import synthetic_train_setup
     from flax import nnx
+    from step_profile import profile_shares
 
     from gmflow_jax.models import gmdit
     from gmflow_jax.models.factory import build_model, split_params
@@ -141,6 +145,7 @@ def run_case(name: str, steps: int, barrier: bool, accum: int = 1) -> dict:
     metrics = one_step()
     assert bool(jnp.isfinite(metrics["loss"]))
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    shares = profile_shares(compiled, one_step) if profile else {}
     return {
         "case": name,
         "barrier": barrier,
@@ -157,6 +162,7 @@ def run_case(name: str, steps: int, barrier: bool, accum: int = 1) -> dict:
         "fwd_gflops": _flops(fwd) / 1e9,
         "step_gflops": _flops(compiled) / 1e9,
         "peak_rss_mb": peak_rss_mb,
+        "profile": shares,
     }
 
 
@@ -167,6 +173,7 @@ def main() -> None:
     parser.add_argument("--cpu", type=int, default=1, help="core each case is pinned to (-1: no pinning)")
     parser.add_argument("--no-barrier", action="store_true", help="the network before issue 12 (no residual barrier)")
     parser.add_argument("--accum", type=int, nargs="+", default=[1], help="micro-batches per step (each value a run)")
+    parser.add_argument("--profile", action="store_true", help="add where the step's time goes (step_profile.py)")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one case, print JSON
     args = parser.parse_args()
 
@@ -177,7 +184,7 @@ def main() -> None:
         from common import print_result
 
         steps = args.steps or (20 if args.one == "digits" else 5)
-        print_result(run_case(args.one, steps, not args.no_barrier, args.accum[0]))
+        print_result(run_case(args.one, steps, not args.no_barrier, args.accum[0], args.profile))
         return
 
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {ONE_THREAD}".strip()
@@ -191,6 +198,8 @@ def main() -> None:
                 cmd += ["--steps", str(args.steps)]
             if args.no_barrier:
                 cmd += ["--no-barrier"]
+            if args.profile:
+                cmd += ["--profile"]
             rows.append(run_case_subprocess(cmd, name))
             print(f"done {name} accum {accum}: {rows[-1]}", file=sys.stderr, flush=True)
 
@@ -211,6 +220,14 @@ def main() -> None:
             f"{r['fwd_compile_s']:.1f} / {r['compile_s']:.1f} | {r['fwd_gflops']:.1f} / {r['step_gflops']:.1f} | "
             f"{r['step_gflops'] / r['fwd_gflops']:.2f} | {r['temp_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
+    if args.profile:
+        groups = sorted({k for r in rows for k in r["profile"] if k != "total_ms"})
+        print("\nWhere the step's time goes (share of the traced op time; `--profile`, bench/step_profile.py):\n")
+        print("| case | micro-batches | traced op ms per step | " + " | ".join(groups) + " |")
+        print("|---|---:|---:|" + "---:|" * len(groups))
+        for r in rows:
+            cells = " | ".join(f"{100 * r['profile'].get(g, 0.0):.1f} %" for g in groups)
+            print(f"| {CASES[r['case']][0]} | {r['accum']} | {r['profile']['total_ms']:.0f} | {cells} |")
 
 
 if __name__ == "__main__":
