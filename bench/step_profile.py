@@ -7,6 +7,7 @@ Each instruction of the compiled program (``compiled.as_text()``) is put in one 
   else the update after the gradient (clip, AdamW, EMA, norm metrics);
 * kind: ``ynn_fusion`` (YNNPACK matmuls), ``dot`` (XLA's own matmuls: on CPU the backward's weight
   gradients), or elementwise work (loop fusions, copies, reductions);
+* instructions without ``op_name`` metadata (a few YNNPACK fusions) are counted as ``no op_name``;
 * draws: a fusion whose body computes random bits or their inverse-CDF normals (``threefry``,
   ``_normal``, ``_uniform``, ``erf_inv``), counted on its own whatever else it computes.
 
@@ -44,9 +45,11 @@ def _bodies(hlo: str) -> dict[str, str]:
 
 
 def role(name: str, op_name: str, body: str) -> str:
-    """The group of one instruction: ``draws``, or ``<pass>: <kind>``."""
+    """The group of one instruction: ``random draws``, ``no op_name`` or ``<pass>: <kind>``."""
     if any(s in body for s in DRAW_MARKERS) or any(s in op_name for s in DRAW_MARKERS):
         return "random draws"
+    if not op_name:
+        return "no op_name"
     step = "backward" if "transpose(" in op_name else ("forward + loss" if "jvp(" in op_name else "update")
     kind = "YNNPACK matmul" if "ynn" in name else ("XLA dot" if name.startswith("dot") else "elementwise")
     return f"{step}: {kind}"
