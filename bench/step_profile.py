@@ -11,7 +11,9 @@ Each instruction of the compiled program (``compiled.as_text()``) is put in one 
 * draws: a fusion whose body computes random bits or their inverse-CDF normals (``threefry``,
   ``_normal``, ``_uniform``, ``erf_inv``), counted on its own whatever else it computes.
 
-The shares are ratios measured in one process, so they hold on a loaded machine where absolute times do not.
+The profiler's op times are wall times: on a loaded host they include the time the process waited for its
+core, spread over all ops, so ``total_ms`` grows with the load; the shares, ratios within one process, hold
+better than absolute times do.
 """
 
 from __future__ import annotations
