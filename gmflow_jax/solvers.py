@@ -1,5 +1,5 @@
 """Samplers (docs/method.md §7): GM-SDE / GM-ODE (1st and 2nd order) with probabilistic guidance,
-and the baselines Euler, DDPM and DPM-Solver++(2M) with classifier-free guidance (CFG).
+and the baselines Euler, DDPM, DPM-Solver++(2M) and UniPC-2M with classifier-free guidance (CFG).
 
 Everything is one ``jax.lax.scan`` over the steps; jit it with the configuration
 (``solver``, ``order``, ``num_steps``, ``num_substeps``, ``denoise_fn``...) static.
@@ -33,9 +33,10 @@ Array = jax.Array
 DenoiseFn = Callable[[Array, Array, Array | None], GM]
 
 GM_SOLVERS = ("gm-ode", "gm-sde")
-BASELINE_SOLVERS = ("euler", "ddpm", "dpmpp-2m")
+BASELINE_SOLVERS = ("euler", "ddpm", "dpmpp-2m", "unipc")
 SOLVERS = GM_SOLVERS + BASELINE_SOLVERS
 EPS = 1e-6
+ADAPTER_EPS = 1e-6  # the authors' FlowAdapter clamps α = 1 − σ to at least this (method.md §7.6)
 
 
 def default_orthogonal(solver: str) -> float:
@@ -281,6 +282,50 @@ def _baseline_solver(denoiser, x, key, sigmas, *, solver, num_steps, w, orthogon
     return x
 
 
+def _unipc_coefs(h: Array) -> tuple[Array, Array, Array]:
+    """method.md §7.6: φ = e^(−h) − 1 and the bh2 weights b1, b2 (finite for h = ∞)."""
+    phi = jnp.expm1(-h)
+    g = phi / -h - 1.0
+    return phi, g / phi, 2.0 * (g / -h - 0.5) / phi
+
+
+def _unipc_solver(denoiser, x, sigmas, *, num_steps, w, orthogonal):
+    """UniPC-2M (bh2, data prediction) as the authors' FlowAdapter runs diffusers' ``UniPCMultistepScheduler``
+    (method.md §7.6): the corrector refines each step's start with the network's x0 at that start, the
+    predictor is of order 2 except on the first and the last step."""
+    alphas = 1.0 - sigmas
+    lam = jnp.log(jnp.maximum(alphas, ADAPTER_EPS)) - jnp.log(sigmas)  # λ(0) = ∞
+    lam_pad = jnp.concatenate([lam[:1] - 2.0, lam[:1] - 1.0, lam])  # λ_{i−2}, λ_{i−1} for i < 2: unused, finite
+    sig_pad = jnp.concatenate([sigmas[:1], sigmas])
+    last = num_steps - 1
+
+    def step(carry, xs):
+        x, x_last, m1, m2 = carry  # x: the predictor's output, x_last: the previous step's (corrected) start
+        i, lam_2, lam_1, lam_0, lam_n, sig_1, sig_0, sig_n = xs
+        gm_c, gm_u = denoiser(x, sig_0)
+        m0 = cfg_x0(x, sig_0, gm_c, gm_u, w, orthogonal)
+        m0 = jnp.where(1.0 - sig_0 < ADAPTER_EPS, 0.0, m0)  # the adapter's ε at σ = 1 holds no network output
+        # corrector (UniC) of the step σ_{i−1} → σ_i, of the order that step's predictor had
+        phi, b1, b2 = _unipc_coefs(lam_0 - lam_1)
+        second = i >= 2
+        r = jnp.where(second, (lam_2 - lam_1) / (lam_0 - lam_1), -1.0)
+        rho_prev = jnp.where(second, (b1 - b2) / (1.0 - r) / r, 0.0)
+        rho_now = jnp.where(second, (b2 - r * b1) / (1.0 - r), 0.5)
+        corrected = (sig_0 / sig_1) * x_last - (1.0 - sig_0) * phi * (m1 + rho_prev * (m2 - m1) + rho_now * (m0 - m1))
+        x = jnp.where(i > 0, corrected, x)
+        # predictor (UniP) σ_i → σ_{i+1}
+        phi, _, _ = _unipc_coefs(lam_n - lam_0)
+        c = jnp.where((i > 0) & (i < last), 0.5 * (lam_n - lam_0) / (lam_1 - lam_0), 0.0)
+        x_new = (sig_n / sig_0) * x - (1.0 - sig_n) * phi * (m0 + c * (m1 - m0))
+        return (x_new, x, m0, m1), None
+
+    n = num_steps
+    xs = (jnp.arange(n), lam_pad[:n], lam_pad[1 : n + 1], lam[:n], lam[1:], sig_pad[:n], sigmas[:n], sigmas[1:])
+    zeros = jnp.zeros_like(x)
+    (x, _, _, _), _ = jax.lax.scan(step, (x, x, zeros, zeros), xs)
+    return x
+
+
 def sample(
     denoise_fn: DenoiseFn,
     noise: Array,
@@ -302,7 +347,7 @@ def sample(
 
     ``denoise_fn(x_t, tau, labels) -> GM`` over u, with ``tau = 1000 σ`` of shape (N,).
     ``guidance``: probabilistic ``w̃ ∈ [0, 1)`` for 'gm-ode'/'gm-sde', the CFG scale
-    ``w`` for 'euler'/'ddpm'/'dpmpp-2m'; 0 switches guidance off (the network then runs
+    ``w`` for 'euler'/'ddpm'/'dpmpp-2m'/'unipc'; 0 switches guidance off (the network then runs
     once per step). ``orthogonal`` (traceable, in [0, 1]) scales the projection of the guidance bias:
     for GM solvers off the conditional x0 mean (§7.2), for baselines off the conditional velocity
     mean (§7.5); None takes ``default_orthogonal(solver)`` (1 for GM solvers, 0 = plain CFG for
@@ -336,6 +381,8 @@ def sample(
             spectrum_fn=spectrum_fn,
             k=k,
         )
+    if solver == "unipc":
+        return _unipc_solver(denoiser, x, sigmas, num_steps=num_steps, w=w, orthogonal=orthogonal)
     return _baseline_solver(
         denoiser,
         x,

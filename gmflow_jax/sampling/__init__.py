@@ -444,7 +444,7 @@ class Sampler:
 
         ``key``: a PRNG key or an int seed. ``labels``: (N,) ints in ``[0, num_classes)``, a single
         int (with ``num_samples``), or None (classes ``i % num_classes``; unconditional models: None).
-        ``solver`` ∈ {'gm-ode', 'gm-sde', 'euler', 'ddpm', 'dpmpp-2m'} (default 'gm-ode', ``num_steps`` 8,
+        ``solver`` ∈ {'gm-ode', 'gm-sde', 'euler', 'ddpm', 'dpmpp-2m', 'unipc'} (default 'gm-ode', ``num_steps`` 8,
         ``shift`` 1) or, for a pi-Flow student only, 'piflow' (its default; see the module docstring:
         ``num_steps``, ``shift``, ``total_substeps``, ``temperature``, ``final_step_size_scale`` default to its
         ``config.distill``; ``order`` is not used; no guidance); ``guidance``: the

@@ -147,9 +147,10 @@ def test_one_key_per_call(sampler):
         sampler.sample(keys, sampler.class_grid(1))
 
 
-def test_baselines_default_to_plain_cfg(sampler):
+@pytest.mark.parametrize("solver", ["euler", "unipc"])
+def test_baselines_default_to_plain_cfg(sampler, solver):
     labels = sampler.class_grid(1)
-    kw = dict(solver="euler", num_steps=2, guidance=2.0)
+    kw = dict(solver=solver, num_steps=3, guidance=2.0)
     default = sampler.sample(0, labels, **kw)
     np.testing.assert_array_equal(default, sampler.sample(0, labels, orthogonal=0.0, **kw))
     assert not np.allclose(default, sampler.sample(0, labels, orthogonal=1.0, **kw))

@@ -184,8 +184,14 @@ def test_gm_ode_order2_corrects_a_single_gaussian_denoiser(gm_data, ode_problem)
 
 @pytest.mark.parametrize(
     "solver,num_steps,kwargs",
-    [("euler", 64, {}), ("ddpm", 64, {}), ("ddpm", 64, {"ddpm_variance": "large"}), ("dpmpp-2m", 32, {})],
-    ids=["euler", "ddpm-small", "ddpm-large", "dpmpp-2m"],
+    [
+        ("euler", 64, {}),
+        ("ddpm", 64, {}),
+        ("ddpm", 64, {"ddpm_variance": "large"}),
+        ("dpmpp-2m", 32, {}),
+        ("unipc", 32, {}),
+    ],
+    ids=["euler", "ddpm-small", "ddpm-large", "dpmpp-2m", "unipc"],
 )
 def test_baselines_with_many_steps_reach_data_distribution(gm_data, solver, num_steps, kwargs):
     n = 4000
@@ -365,6 +371,7 @@ NAN_CONFIGS = {
     "euler": dict(solver="euler", num_steps=3),
     "ddpm": dict(solver="ddpm", num_steps=3),
     "dpmpp-2m": dict(solver="dpmpp-2m", num_steps=3),
+    "unipc": dict(solver="unipc", num_steps=4),
 }
 _RUNNERS = {}
 
@@ -418,7 +425,7 @@ def _runner(name):
     return _RUNNERS[name]
 
 
-@pytest.mark.parametrize("name", ["gm-ode", "gm-sde", "gm-sde-spectral", "euler", "ddpm", "dpmpp-2m"])
+@pytest.mark.parametrize("name", list(NAN_CONFIGS))
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @given(
     seed=st.integers(0, 2**31 - 1),
