@@ -2,7 +2,8 @@
 
 pi-ID (docs/method.md §10): the student is the teacher's GM-DiT trunk with 32 Gaussians, started
 from the teacher's weights (its GM head tiled), trained to imitate the teacher's guided velocity
-(probabilistic guidance w̃ = 0.3, the demo's) along its own policy's trajectories.
+(probabilistic guidance w̃ = 0.3, the demo's) along its own policy's trajectories. EMA: the authors'
+pi-Flow power EMA (γ = 7, a copy of the weights up to step 400; docs/method.md §9).
 
     python -m gmflow_jax.train --config digits_piflow --workdir runs/digits_piflow_1 \\
         --config.distill.teacher=results/digits_demo
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.spectrum = False
     c.num_steps = 1000
     c.optim.update(lr=2e-4, b2=0.95, warmup_steps=50, clip_norm=1.0, clip_start=0, weight_decay=0.0)
-    c.ema.max_nimg = 10_000.0
+    c.ema.update(kind="power", gamma=7.0, start_step=400)
     c.log.sample_every_steps = 500
     c.checkpoint.every_steps = 500
     c.distill.update(
@@ -48,6 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     if variant == "tiny":
         c.num_steps = 20
+        c.ema.start_step = 2  # the resume tests cross it
         c.log.sample_every_steps = 0
         c.checkpoint.every_steps = 10
     return c

@@ -7,8 +7,8 @@ sub-steps, 2 intermediate states, GM dropout 0.05, loss scale 3; teacher guidanc
 (the authors' teacher is a flow-matching DiT: CFG 2.7; a GMFlow teacher reads ``distill.guidance`` as
 w̃ ∈ [0, 1), e.g. ``--config.distill.guidance=0.3``). AdamW 5e-5 (the authors use 8-bit AdamW),
 betas (0.9, 0.95), no weight decay, 400-step warm-up, gradient clip 50 from step 400, batch 4096,
-140K iterations. The authors keep a Karras (γ = 7) EMA from step 400; this trainer's EMA is its own
-(method.md §9), with the same half-life rule as the GMFlow recipe.
+140K iterations; the authors' power EMA (Karras et al.; γ = 7, a copy of the weights up to step 400,
+method.md §9).
 
     python -m gmflow_jax.train --config imagenet_piflow_k32 --workdir gs://BUCKET/piflow_k32 \\
         --config.distill.teacher=gs://BUCKET/gmflow_k8 --config.model.vae=... --config.data.data_dir=...
@@ -40,6 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.spectrum = False
     c.loss.spectral_weight = 0.0
     c.optim.update(lr=5e-5, b1=0.9, b2=0.95, weight_decay=0.0, warmup_steps=400, clip_norm=50.0, clip_start=400)
+    c.ema.update(kind="power", gamma=7.0, start_step=400)
     c.checkpoint.every_steps = 2000
     c.distill.update(
         nfe=int(variant),

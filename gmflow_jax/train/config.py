@@ -27,7 +27,7 @@ file starts from ``base_config()`` and changes values. Fields:
   ``warmup_steps`` (linear from ``warmup_init_factor × lr``), then constant or, with
   ``decay_steps > 0``, cosine decay to ``final_lr_factor × lr``; ``clip_norm`` (0: off) applied
   from step ``clip_start`` on.
-* ``ema``: ``max_nimg``, ``ratio`` (method.md §9: ``ema_nimg = min(max_nimg, ratio · images_seen)``).
+* ``ema`` (method.md §9): ``kind`` 'rampup' (``max_nimg``, ``ratio``) or 'power' (``gamma``, ``start_step``).
 * ``checkpoint``: ``every_steps``, ``keep``, ``async_save``, ``preemption_check_every``
   (multi-process runs agree on a stop signal every that many steps), ``lock_lease_seconds`` (the
   workdir lock's lease: a lock from another host not renewed for that long is taken over).
@@ -147,7 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
             clip_start=1000,
         )
     )
-    c.ema = ml_collections.ConfigDict(dict(max_nimg=30e6, ratio=0.05))
+    c.ema = ml_collections.ConfigDict(dict(kind="rampup", max_nimg=30e6, ratio=0.05, gamma=7.0, start_step=0))
     c.checkpoint = ml_collections.ConfigDict(
         dict(every_steps=500, keep=3, async_save=True, preemption_check_every=10, lock_lease_seconds=600.0)
     )
@@ -440,6 +440,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     del o
     _num(c, "ema.max_nimg", 0.0)
     _num(c, "ema.ratio", 0.0)
+    _choice(c, "ema.kind", ("rampup", "power"))
+    _num(c, "ema.gamma", 0.0)
+    _int(c, "ema.start_step", 0)
     _int(c, "checkpoint.every_steps", 1)
     _int(c, "checkpoint.keep", 1)
     _need(isinstance(c.checkpoint.async_save, bool), "checkpoint.async_save", "a bool", c.checkpoint.async_save)

@@ -171,6 +171,24 @@ def ema_beta(step: jax.Array, batch_size: int, max_nimg: float, ratio: float) ->
     return jnp.power(0.5, batch_size / jnp.maximum(ema_nimg, 1e-8))
 
 
+def power_ema_beta(step: jax.Array, gamma: float, start_step: int) -> jax.Array:
+    """method.md §9, the pi-Flow recipes' power EMA (Karras et al.): ``(1 − 1/t)^(γ+1)``,
+    ``t = max(step + 1 − start_step, 1)``; 0 (the EMA copies the weights) up to ``step = start_step``.
+
+    ``step`` counts the optimizer steps done before this one, as the authors' hook reads ``runner.iter``
+    (mmcv calls ``after_train_iter`` after the optimizer step and before ``iter`` is incremented).
+    """
+    t = jnp.maximum(jnp.asarray(step, jnp.float32) + 1.0 - start_step, 1.0)
+    return jnp.exp((gamma + 1.0) * jnp.log1p(-1.0 / t))
+
+
+def ema_beta_for(step: jax.Array, batch_size: int, ecfg: Any) -> jax.Array:
+    """β of ``config.ema``: ``kind='power'`` (``power_ema_beta``) or the default ``'rampup'`` (``ema_beta``)."""
+    if ecfg.kind == "power":
+        return power_ema_beta(step, ecfg.gamma, ecfg.start_step)
+    return ema_beta(step, batch_size, ecfg.max_nimg, ecfg.ratio)
+
+
 def ema_update(ema: Params, params: Params, beta: jax.Array) -> Params:
     """``ema ← β·ema + (1 − β)·params`` leaf-wise."""
     return jax.tree.map(lambda e, p: (beta * e + (1.0 - beta) * p).astype(e.dtype), ema, params)

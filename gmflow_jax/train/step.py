@@ -24,7 +24,7 @@ from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.sharding import MESH_AXES, batch_spec_sharding, replicated
 from gmflow_jax.train import distill
-from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta, ema_update
+from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta_for, ema_update
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -172,7 +172,7 @@ def make_train_step(
             grads = jax.tree.map(lambda g: g * poison, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        beta = ema_beta(state.step, batch_size, config.ema.max_nimg, config.ema.ratio)
+        beta = ema_beta_for(state.step, batch_size, config.ema)
         ema = ema_update(state.ema, params, beta)
         metrics = dict(
             aux,
