@@ -48,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax import piflow, solvers
 from gmflow_jax.models.factory import build_model, data_shape, split_params
+from gmflow_jax.sampling import labels as labels_lib
 
 NOISE_KEY, SOLVER_KEY = 0, 1  # fold_in offsets of the user's key
 PIFLOW = "piflow"  # a pi-Flow student's own N-step policy sampler (piflow.piflow_sample)
@@ -238,6 +239,12 @@ class Sampler:
         if self.num_classes == 0:
             raise ValueError("class_grid needs a class-conditional model; this one has num_classes=0.")
         return np.repeat(np.arange(self.num_classes, dtype=np.int32), num_per_class)
+
+    def label_ids(self, names: str | Sequence[str | int]) -> list[int]:
+        """Class names (ImageNet: ``["macaw", "golden retriever"]`` → ``[88, 207]``; digits: ``"7"`` or
+        ``"seven"``) → label ids; case- and whitespace-insensitive (``sampling.labels``). ValueError, one line,
+        for an unknown name (suggesting the nearest) or a model whose classes have no names."""
+        return labels_lib.class_index(self.config).ids(names)
 
     def decode(self, latents: Any) -> np.ndarray:
         """Latents in the model's scaled space (as sampled), (N, h, w, C) or (G, N, h, w, C), -> uint8 images

@@ -68,6 +68,7 @@ def test_wheel_metadata_and_contents(wheel):
         "gmflow_jax/demo/__main__.py",
         "gmflow_jax/models/factory.py",
         "gmflow_jax/data/device.py",
+        "gmflow_jax/sampling/imagenet_classes.txt",
     ):
         assert path in names, path
 
@@ -76,12 +77,14 @@ def test_installed_package_loads_configs_and_runs_the_demo(installed, tmp_path):
     check = (
         "import gmflow_jax, sys; from gmflow_jax.train.config import load_config, packaged_configs; "
         f"assert gmflow_jax.__file__.startswith({str(installed)!r}), gmflow_jax.__file__; "
-        "print(packaged_configs(), load_config('digits_gmdit:tiny').model.hidden_size)"
+        "from gmflow_jax.sampling.labels import class_index; "
+        "c = load_config('imagenet_gmdit_k8'); i = class_index(c).ids(['golden retriever', 'toilet paper']); "
+        "print(packaged_configs(), load_config('digits_gmdit:tiny').model.hidden_size, i)"
     )
     result = run_installed(installed, tmp_path, "-c", check)
     assert result.returncode == 0, result.stderr[-3000:]
     packaged = ["checkerboard_k64", "checkerboard_piflow", "digits_gmdit", "digits_piflow", "imagenet_gmdit_k8"]
-    assert f"{packaged + ['imagenet_piflow_k32']} 32" in result.stdout
+    assert f"{packaged + ['imagenet_piflow_k32']} 32 [207, 999]" in result.stdout
     flags = ["--config=digits_gmdit:tiny", "--train_steps=4", "--eval_per_class=2", "--steps=2"]
     result = run_installed(
         installed, tmp_path, "-m", "gmflow_jax.demo", "--workdir=demo", f"--data_dir={tmp_path / 'tfds'}", *flags
