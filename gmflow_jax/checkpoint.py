@@ -315,6 +315,13 @@ class Checkpointer:
             with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
                 self._mngr.close()
 
+    def abandon(self) -> None:
+        """Shuts down writing nothing more of its own (the workdir's lock was lost): no manifest is written. A save
+        already in flight is still finished by orbax's commit thread (docs/reliability.md: the remaining window)."""
+        self._unmanifested, self._failed = [], True
+        with contextlib.suppress(Exception):
+            self._mngr.close()
+
     # --- restoring ----------------------------------------------------------------------
 
     def restore_latest(

@@ -16,6 +16,13 @@ On an object store (a ``gs://`` workdir) there is no ``O_EXCL``: process 0 write
 it finds none, waits ``SETTLE_S`` and reads it back; it holds the lock only if the file still names
 it (of two trainers that both found no file, the one whose write landed last wins, the other
 refuses). docs/reliability.md gives the timing and the limits.
+
+The holder's side (fencing): the lease counts on the holder's own clock from its last successful
+write of the lock. ``holds()`` reads the lock and says whether it still names this trainer within its
+lease; once the lock names another trainer, is gone, or the lease has run out (no renewal for a whole
+lease: the process or its storage stalled), the lock is lost for good (``lost`` says why, in one line)
+and this trainer never writes or deletes the lock again. A renewal is written only with at least a
+quarter lease left, so it cannot land on a lock that a watcher has already taken over.
 """
 
 from __future__ import annotations
@@ -35,10 +42,21 @@ LOCK_FILE = "trainer.lock"
 SETTLE_S = 2.0  # object stores: wait this long after writing the lock before reading it back
 DEFAULT_LEASE_S = 600.0
 RENEWALS_PER_LEASE = 4  # the holder renews every lease/4: a watcher of one lease sees several renewals
+RETRIES_PER_LEASE = 16  # after a failed read or renewal, the holder tries again every lease/16
 
 
 class WorkdirLockedError(RuntimeError):
     """Another trainer holds the workdir."""
+
+
+class LockLostError(WorkdirLockedError):
+    """This trainer no longer holds its workdir: its lock was taken over or removed, or its lease ran out."""
+
+
+def _clock() -> float:
+    """Seconds on a clock that also runs while the machine is suspended (Linux ``CLOCK_BOOTTIME``): a stall counts."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.monotonic() if boottime is None else time.clock_gettime(boottime)
 
 
 def _alive(pid: int) -> bool:
@@ -75,23 +93,44 @@ class WorkdirLock:
             "lease_s": self.lease_s,
             "beat": 0,
         }
-        self.lost: dict | None = None  # the holder that took the lock from this one (its heartbeat had stalled)
+        self.lost: str | None = None  # why this trainer no longer holds the lock (one line); final
+        self.taken_by: dict | None = None  # the trainer that took the lock over, if that is why
+        self._renewed = -float("inf")  # _clock() just before our last successful write of the lock
+        self._renewed_at = "never"  # the same as a time of day, for messages
+        self._problem = ""  # the last read or write error
+        self._mutex = threading.Lock()  # one reader or writer of the lock at a time (heartbeat, saves, release)
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
 
+    def _write(self) -> bool:
+        """Writes ``info`` over the lock (holder only); on success the lease counts from just before the write."""
+        t, at = _clock(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        try:
+            write_atomic(self.path, json.dumps(self.info))
+        except Exception as e:  # a transient storage error: the heartbeat tries again
+            self._problem = describe(e)
+            logging.warning("could not renew %s: %s", self.path, self._problem)
+            return False
+        self._renewed, self._renewed_at = t, at
+        return True
+
     def _create(self) -> bool:
+        t, at = _clock(), time.strftime("%Y-%m-%d %H:%M:%S %Z")  # the lease counts from just before the write
         if is_url(self.path):  # no O_EXCL: write if absent, then check that our write is the one that stayed
             if self.path.exists():
                 return False
             self.path.write_text(json.dumps(self.info))
             time.sleep(SETTLE_S)
-            return self._holder().get("token") == self.info["token"]
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.info, f)
+            if self._holder().get("token") != self.info["token"]:
+                return False
+        else:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.info, f)
+        self._renewed, self._renewed_at = t, at
         return True
 
     def _read(self) -> str | None:
@@ -155,32 +194,86 @@ class WorkdirLock:
             how = f"its lease ({holder.get('lease_s', self.lease_s):g} s) is being renewed: wait for it or stop it"
         return f"workdir {self.path.parent} is in use by {_who(holder)} ({self.path}); {how}."
 
+    def time_left(self) -> float:
+        """Seconds until this trainer's lease runs out on its own clock (≤ 0: it has; a lost lock stays lost)."""
+        return self.lease_s - (_clock() - self._renewed)
+
+    def holds(self) -> bool | None:
+        """Reads the lock: True while it names this trainer within its lease; False once lost (``lost`` says
+        why; final); None when it cannot be read now (storage unreachable: ask again, within the lease)."""
+        with self._mutex:
+            return self._holds()
+
+    def _holds(self) -> bool | None:
+        if self.lost is not None:
+            return False
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            text = None
+        except Exception as e:  # gcsfs and the OS raise many types
+            text, self._problem = "", describe(e)
+        try:
+            holder = json.loads(text) if text else None
+        except ValueError:
+            holder, self._problem = None, f"not a lock file: {text[:80]!r}"
+        if text is None:
+            self.lost = (
+                f"{self.path} is gone: it was removed while this trainer held it (lease last renewed at "
+                f"{self._renewed_at}). Stopped without saving; start the run again to resume."
+            )
+        elif isinstance(holder, dict) and holder.get("token") != self.info["token"]:
+            self.taken_by = holder
+            self.lost = (
+                f"{self.path} was taken over by {_who(holder)}: this trainer's lease was last renewed at "
+                f"{self._renewed_at} (lease {self.lease_s:g} s; its process or storage stalled). Stopped without "
+                "saving; the new holder carries on."
+            )
+        elif self.time_left() <= 0:
+            how = "" if isinstance(holder, dict) else f" (it could not be read: {self._problem})"
+            self.lost = (
+                f"this trainer's lease on {self.path} ran out: it was last renewed at {self._renewed_at}, more than "
+                f"a lease ({self.lease_s:g} s) ago{how}, so another trainer may take the workdir over. Stopped "
+                "without saving; start the run again to resume."
+            )
+        elif not isinstance(holder, dict):
+            return None
+        return self.lost is None
+
     def _renew(self) -> None:
-        """The heartbeat: rewrites the lock with ``beat`` + 1 every lease/4 while it still names this trainer."""
-        while not self._stop.wait(self.lease_s / RENEWALS_PER_LEASE):
-            holder = self._holder()
-            if holder and holder.get("token") != self.info["token"]:
-                self.lost = holder
-                logging.error(
-                    "%s was taken over by %s: this trainer's lease was not renewed for a whole lease period "
-                    "(a stalled process or storage); stop this run.",
-                    self.path,
-                    _who(holder),
-                )
-                return
-            self.info["beat"] += 1
-            try:
-                write_atomic(self.path, json.dumps(self.info))
-            except Exception as e:  # a transient storage error: the next beat tries again
-                logging.warning("could not renew %s: %s", self.path, describe(e))
+        """The heartbeat: rewrites the lock with ``beat`` + 1 every lease/4 while it still names this trainer
+        (every lease/16 after a failure); stops once the lock is lost."""
+        wait = self.lease_s / RENEWALS_PER_LEASE
+        while not self._stop.wait(wait):
+            with self._mutex:
+                held = self._holds()
+                if held is False:
+                    logging.error("%s", self.lost)
+                    return
+                renewed = False
+                if held and self.time_left() > self.lease_s / RENEWALS_PER_LEASE:  # never a late write
+                    self.info["beat"] += 1
+                    renewed = self._write()
+                elif held:
+                    logging.warning("not renewing %s: too little of its lease is left to write it safely", self.path)
+                else:
+                    logging.warning(
+                        "could not read %s (%s); trying again, the run stops if its lease (%.0f s left) runs out",
+                        self.path,
+                        self._problem,
+                        max(self.time_left(), 0.0),
+                    )
+            wait = self.lease_s / (RENEWALS_PER_LEASE if renewed else RETRIES_PER_LEASE)
 
     def release(self) -> None:
+        """Stops the heartbeat; removes the lock only if it still names this trainer within its lease."""
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
             self._heartbeat = None
-        if self._holder().get("token") == self.info["token"]:
-            self.path.unlink()
+        with self._mutex:
+            if self._holds():
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> WorkdirLock:
         self.acquire()

@@ -7,7 +7,10 @@ then loop: next global batch → jitted, state-donating train step → the *prev
 read on the host (so the device never waits) → periodic scalars, progress, EMA sample grids and
 async checkpoints. A non-finite loss / gradient / parameter norm stops with ``TrainingError``
 naming the step; nothing with NaN weights is ever saved (metrics are checked before every save).
-SIGTERM / SIGINT save the current step, wait for it and return normally (exit 0).
+SIGTERM / SIGINT save the current step, wait for it and return normally (exit 0). Every write into the
+workdir after start-up is fenced by the workdir's lock (``train.fence``): a run whose lock was taken
+over, removed or whose lease ran out stops at the next agreed step boundary with ``LockLostError``,
+saving nothing more.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import contextlib
 import json
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +33,7 @@ from etils import epath
 from gmflow_jax import checkpoint as ckpt_lib
 from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
-from gmflow_jax.multihost import agree, any_process, barrier, primary_first
+from gmflow_jax.multihost import agree, barrier, primary_first
 from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import resolve_data_dir, validate_config, write_config
 from gmflow_jax.train.data import check_data, make_data_iterator
@@ -44,7 +45,8 @@ from gmflow_jax.train.distill import (
     student_from_teacher,
 )
 from gmflow_jax.train.distill import flops_per_example as distill_flops_per_example
-from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+from gmflow_jax.train.fence import Fence, StopRequest
+from gmflow_jax.train.lock import LOCK_FILE, LockLostError, WorkdirLock, WorkdirLockedError
 from gmflow_jax.train.memory import return_freed_memory
 from gmflow_jax.train.preview import make_preview_fn
 from gmflow_jax.train.state import StateSetup, TrainState, init_state, setup_state
@@ -93,41 +95,6 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
-class StopRequest:
-    """SIGTERM / SIGINT → save and stop at the next step boundary; a second SIGINT interrupts at once."""
-
-    def __init__(self, check_every: int):
-        self.requested = False
-        self._check_every = check_every
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        logging.warning(
-            "received %s: saving a checkpoint at the current step, then exiting", signal.Signals(signum).name
-        )
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to stop after ``step``; all processes agree (checked every ``check_every`` steps)."""
-        if jax.process_count() == 1:
-            return self.requested
-        if step % self._check_every:
-            return False
-        return any_process(self.requested)
-
-
 def finite_check(setup: StateSetup) -> Any:
     """``state dict -> problem or None``: params and EMA must be finite."""
     fn = jax.jit(
@@ -168,7 +135,7 @@ def train(
     check_data(config, source, workdir)
     teacher = setup_teacher(config, mesh)  # distillation: checked before anything in the workdir changes
     workdir.mkdir(parents=True, exist_ok=True)
-    with _hold_workdir(workdir, config.checkpoint.lock_lease_seconds):
+    with _hold_workdir(workdir, config.checkpoint.lock_lease_seconds) as fence:
         if restart_from_scratch and jax.process_index() == 0:
             moved = ckpt_lib.set_aside(workdir, keep=(LOCK_FILE,))
             if moved:
@@ -184,31 +151,37 @@ def train(
             len(source),
             data_dir,
         )
-        with StopRequest(config.checkpoint.preemption_check_every) as stop:
+        with StopRequest(config.checkpoint.preemption_check_every, fence) as stop:
             setup = setup_state(config, mesh)
             logging.info("model: %s parameters", f"{setup.num_params():,}")
             step_fn = _compile_step(config, setup, mesh, teacher)
             iterator = make_data_iterator(config, source, mesh, data_dir)
             ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+            lost = False
             try:
                 teacher_params = None if teacher is None else load_teacher(teacher)
                 state, resumed = _initial_state(config, setup, iterator, ckpt, teacher, teacher_params)
                 return_freed_memory()  # the initialisation's or the restore's temporaries
                 if teacher is not None:
                     compiled, step_fn = step_fn, lambda s, b: compiled(s, b, teacher_params)
-                if jax.process_index() == 0:
+                if jax.process_index() == 0 and fence.may_write("config.json"):
                     write_config(config, workdir)  # only once the run is known to fit the workdir
-                return _loop(config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop, teacher)
+                return _loop(
+                    config, workdir, mesh, setup, step_fn, iterator, ckpt, state, resumed, stop, fence, teacher
+                )
+            except LockLostError:
+                lost = True
+                raise
             finally:
                 try:
-                    ckpt.close()
+                    ckpt.abandon() if lost else ckpt.close()  # a lost lock: no manifest written
                 finally:
                     iterator.close()
 
 
 @contextlib.contextmanager
-def _hold_workdir(workdir: epath.Path, lease_s: float) -> Iterator[None]:
-    """The workdir lock, held by process 0 for all processes (they all stop if it is taken)."""
+def _hold_workdir(workdir: epath.Path, lease_s: float) -> Iterator[Fence]:
+    """The workdir lock, held by process 0 for all processes; yields the ``Fence`` of their writes."""
     lock, error = None, None
     if jax.process_index() == 0:
         lock = WorkdirLock(workdir, lease_s)
@@ -219,7 +192,7 @@ def _hold_workdir(workdir: epath.Path, lease_s: float) -> Iterator[None]:
     if not agree(error is None):
         raise error or WorkdirLockedError(f"process 0 could not lock the workdir {workdir}")
     try:
-        yield
+        yield Fence(lock, lease_s)
     finally:
         if lock is not None:
             lock.release()
@@ -298,11 +271,12 @@ def _loop(
     state: TrainState,
     resumed: bool,
     stop: StopRequest,
+    fence: Fence,
     teacher: TeacherSetup | None = None,
 ) -> TrainState:
     """The training loop from ``state`` to ``config.num_steps`` (or a stop signal)."""
     primary = jax.process_index() == 0
-    writer = create_writer(str(workdir / "tensorboard"), primary=primary)
+    writer = create_writer(str(workdir / "tensorboard"), primary=primary, may_flush=lambda: fence.may_write("events"))
     writer.write_hparams(flat_config(config))
     _, periodic_actions = import_clu()
     progress = periodic_actions.ReportProgress(
@@ -351,9 +325,9 @@ def _loop(
         if (step + 1) % config.log.every_steps == 0 or step + 1 == config.num_steps:
             writer.write_scalars(step + 1, dict(values, **(meter.update(step + 1, time.time()) or {})))
 
-    def save(step: int) -> None:
+    def save(step: int, last: bool = False) -> None:
         nonlocal last_saved
-        if step != last_saved:
+        if step != last_saved and fence.may_save(step, last=last):
             ckpt.save(step, state.to_dict(), iterator.get_state(), dict(meta, step=step))
             last_saved = step
 
@@ -363,7 +337,7 @@ def _loop(
         rows = min(config.log.sample_classes, config.model.num_classes) if samples.ndim == 4 else 1
         image = render(samples, rows)
         writer.write_images(step, {"ema_samples": image[None]})
-        if primary:
+        if primary and fence.may_write(f"preview of step {step}"):
             save_png(image, workdir / "samples" / f"step_{step:08d}.png")
             save_png(image, workdir / "samples" / "latest.png")
 
@@ -388,7 +362,7 @@ def _loop(
             if stopping or step % config.checkpoint.every_steps == 0 or step == config.num_steps:
                 read_metrics(pending)  # never save weights of a step whose loss was not finite
                 pending = None
-                save(step)
+                save(step, last=stopping or step == config.num_steps)
             every = config.log.sample_every_steps
             if sampler is not None and not stopping and (step % every == 0 or step == config.num_steps):
                 with progress.timed("preview"):
@@ -396,10 +370,11 @@ def _loop(
         if pending is not None:
             read_metrics(pending)
         if stopping:
-            save(step)
+            save(step, last=True)
             logging.warning("stopped at step %d after a stop signal; checkpoint saved", step)
         ckpt.wait()
         logging.info("done: step %d, %.1f s in the loop", step, time.time() - t0)
     finally:
-        writer.flush()
+        if not fence.lost_here():  # a lost lock: nothing more written (the events of the last steps are dropped)
+            writer.flush()
     return state

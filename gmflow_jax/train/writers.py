@@ -10,7 +10,8 @@ module first (only when TensorFlow is missing), after which clu's own ``MetricWr
 Event files in a ``gs://`` logdir go through ``epath`` (``ObjectStoreEventFile``): an object cannot be
 appended to, so each flush (tensorboardX flushes every 2 minutes) uploads the whole file again, and
 past ``EVENT_PART_BYTES`` the events go on in a new file. tensorboardX's own ``gs://`` writer is
-replaced: it needs ``google-cloud-storage`` and uploads one ever-growing file.
+replaced: it needs ``google-cloud-storage`` and uploads one ever-growing file. Each upload first asks
+``may_flush()`` (the trainer's lock fence): a trainer that lost its workdir uploads nothing more.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,13 +50,13 @@ def _tensorboardx_writer_class(base: type) -> type:
     class TensorBoardXWriter(base):
         """clu ``MetricWriter`` writing TensorBoard event files with tensorboardX (no TensorFlow)."""
 
-        def __init__(self, logdir: str):
+        def __init__(self, logdir: str, may_flush: Callable[[], bool] = lambda: True):
             from tensorboardX import SummaryWriter, record_writer
 
             from gmflow_jax.checkpoint import URL_SCHEMES
 
             for scheme in URL_SCHEMES:
-                record_writer.register_writer_factory(scheme, _ObjectStoreEvents())
+                record_writer.register_writer_factory(scheme, _ObjectStoreEvents(may_flush))
             self._writer = SummaryWriter(logdir=logdir)
 
         def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Any = None) -> None:
@@ -109,12 +110,13 @@ class ObjectStoreEventFile:
     """An event file on an object store: the records are kept and the whole file is uploaded at each flush;
     past ``EVENT_PART_BYTES`` the next records go to ``<name>.0001``, ... (TensorBoard reads every
     ``*tfevents*`` file of a folder). tensorboardX calls ``write`` and ``flush`` under one lock, so a
-    flush sees whole records."""
+    flush sees whole records. A flush uploads only if ``may_flush()``."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, may_flush: Callable[[], bool] = lambda: True):
         from etils import epath
 
         self._path = epath.Path(path)
+        self._may_flush = may_flush
         self._part = 0
         self._records = bytearray()
         self._unsaved = False
@@ -124,7 +126,7 @@ class ObjectStoreEventFile:
         self._unsaved = True
 
     def flush(self) -> None:
-        if not self._unsaved:
+        if not self._unsaved or not self._may_flush():
             return
         name = self._path.name + (f".{self._part:04d}" if self._part else "")
         (self._path.parent / name).write_bytes(bytes(self._records))
@@ -140,19 +142,25 @@ class ObjectStoreEventFile:
 class _ObjectStoreEvents:
     """tensorboardX writer factory for an object-store scheme (no folders to create)."""
 
+    def __init__(self, may_flush: Callable[[], bool]):
+        self._may_flush = may_flush
+
     def open(self, path: str) -> ObjectStoreEventFile:
-        return ObjectStoreEventFile(path)
+        return ObjectStoreEventFile(path, self._may_flush)
 
     def directory_check(self, path: str) -> None:
         pass
 
 
-def create_writer(logdir: str, *, primary: bool = True) -> Any:
-    """clu ``MultiWriter`` of console logging + TensorBoard event files in ``logdir`` (primary only)."""
+def create_writer(logdir: str, *, primary: bool = True, may_flush: Callable[[], bool] = lambda: True) -> Any:
+    """clu ``MultiWriter`` of console logging + TensorBoard event files in ``logdir`` (primary only); on an object
+    store each upload of the events first asks ``may_flush()``."""
     metric_writers, _ = import_clu()
     if not primary:
         return metric_writers.MultiWriter([])
-    return metric_writers.MultiWriter([_console_writer(metric_writers), metric_writers.SummaryWriter(logdir)])
+    ours = metric_writers.SummaryWriter.__name__ == "TensorBoardXWriter"  # (with TensorFlow installed: clu's own)
+    events = metric_writers.SummaryWriter(logdir, may_flush) if ours else metric_writers.SummaryWriter(logdir)
+    return metric_writers.MultiWriter([_console_writer(metric_writers), events])
 
 
 def _console_writer(metric_writers: types.ModuleType) -> Any:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -89,7 +90,8 @@ def test_taken_over_holder_stops_renewing_and_leaves_the_new_lock(tmp_path):
     new = {"host": "new-vm", "pid": 9, "started": "now", "token": "other"}
     (tmp_path / LOCK_FILE).write_text(json.dumps(new))  # as if its heartbeat had stalled for a lease
     time.sleep(0.3)
-    assert held.lost == new
+    assert held.taken_by == new and held.holds() is False
+    assert re.search(r"taken over by pid 9 on new-vm since now: .*last renewed at \d{4}-\d\d-\d\d \d\d:", held.lost)
     held.release()
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == new
 
