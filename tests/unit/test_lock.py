@@ -17,8 +17,12 @@ import sys
 import time
 
 import pytest
+from etils import epath
+from test_workdir_paths import gcs  # noqa: F401 - the stand-in object store
 
-from gmflow_jax.train.lock import LOCK_FILE, WorkdirLock, WorkdirLockedError
+from gmflow_jax.train import lock as lock_lib
+from gmflow_jax.train.fence import Fence, StopRequest
+from gmflow_jax.train.lock import LOCK_FILE, LockLostError, WorkdirLock, WorkdirLockedError
 
 LEASE = 1.0  # s: short, so a watch takes a second
 
@@ -96,6 +100,104 @@ def test_taken_over_holder_stops_renewing_and_leaves_the_new_lock(tmp_path):
     assert json.loads((tmp_path / LOCK_FILE).read_text()) == new
 
 
+def test_removed_lock_is_lost_and_never_recreated(tmp_path, caplog):
+    held = WorkdirLock(str(tmp_path), 0.2)
+    held.acquire()
+    (tmp_path / LOCK_FILE).unlink()  # a person or another tool removed it
+    time.sleep(0.4)
+    assert held.holds() is False and re.search(r"trainer.lock is gone: .*last renewed at ", held.lost)
+    assert "is gone" in caplog.text  # the heartbeat said so
+    held.release()
+    assert not (tmp_path / LOCK_FILE).exists()  # not recreated
+
+
+def test_lease_that_ran_out_is_lost_even_if_the_lock_still_names_this_trainer(tmp_path, monkeypatch):
+    held = WorkdirLock(str(tmp_path), 600)
+    held.acquire()
+    mine = (tmp_path / LOCK_FILE).read_text()
+    assert held.holds() is True and 599 < held.time_left() <= 600
+    now = lock_lib._clock()
+    monkeypatch.setattr(lock_lib, "_clock", lambda: now + 601)  # as if stalled for a whole lease
+    assert held.holds() is False
+    assert re.search(
+        r"lease on .*trainer.lock ran out: it was last renewed at .*more than a lease \(600 s\)", held.lost
+    )
+    held.release()
+    assert (tmp_path / LOCK_FILE).read_text() == mine  # left alone: a watcher may be taking it over
+
+
+def test_no_renewal_written_with_less_than_a_quarter_lease_left(tmp_path, monkeypatch):
+    held = WorkdirLock(str(tmp_path), 0.4)
+    held.acquire()
+    time.sleep(0.25)
+    beat = json.loads((tmp_path / LOCK_FILE).read_text())["beat"]
+    assert beat >= 1  # renewing
+    start = lock_lib._clock()
+    monkeypatch.setattr(lock_lib, "_clock", lambda: start + 0.35)  # 3/4 lease after the last write
+    held._renewed = start
+    time.sleep(0.3)
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["beat"] == beat  # not written late
+    held.release()
+
+
+def test_unreadable_lock_is_retried_within_the_lease_then_lost(tmp_path):
+    lock = tmp_path / LOCK_FILE
+    held = WorkdirLock(str(tmp_path), 1.0)
+    held.acquire()
+    mine = lock.read_text()
+    lock.unlink()
+    lock.mkdir()  # reading it fails (as storage that cannot be reached)
+    time.sleep(0.3)
+    assert held.holds() is None and held.lost is None  # not known: not lost yet
+    lock.rmdir()
+    lock.write_text(mine)  # readable again within the lease
+    time.sleep(0.3)
+    assert held.holds() is True and json.loads(lock.read_text())["beat"] > json.loads(mine)["beat"]  # renewed again
+    lock.unlink()
+    lock.mkdir()
+    time.sleep(1.3)  # a whole lease without a successful read
+    assert held.holds() is False and re.search(r"ran out: .*\(it could not be read: IsADirectoryError", held.lost)
+    held.release()
+    assert lock.is_dir()
+
+
+def test_fence_of_a_single_process(tmp_path):
+    held = WorkdirLock(str(tmp_path), 1.0)
+    held.acquire()
+    fence = Fence(held, 1.0)
+    assert fence.may_save(10, last=False) and fence.may_write("config.json") and not fence.lost_here()
+    lock = tmp_path / LOCK_FILE
+    mine = lock.read_text()
+    lock.unlink()
+    lock.mkdir()
+    assert not fence.may_save(20, last=False) and not fence.may_write("preview")  # skipped, not written unfenced
+    t0 = time.monotonic()
+    with pytest.raises(LockLostError, match="ran out"):  # the last save retries within the lease, then stops
+        fence.may_save(30, last=True)
+    assert 0.5 < time.monotonic() - t0 < 1.5
+    assert fence.lost_here()
+    lock.rmdir()
+    lock.write_text(mine)
+    with pytest.raises(LockLostError, match="ran out"):  # lost for good
+        fence.may_save(40, last=False)
+    held.release()
+
+
+def test_stop_request_raises_once_the_lock_is_taken(tmp_path):
+    held = WorkdirLock(str(tmp_path), 0.4)
+    held.acquire()
+    stop = StopRequest(10, Fence(held, 0.4))
+    assert stop.should_stop(1) is False
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "pod-b", "pid": 5, "started": "now", "token": "b"}))
+    t0 = time.monotonic()
+    with pytest.raises(LockLostError, match="taken over by pid 5 on pod-b"):
+        while time.monotonic() - t0 < 5:
+            stop.should_stop(2)
+            time.sleep(0.01)
+    assert time.monotonic() - t0 < 0.4 / 4 + 0.3  # noticed within a quarter lease
+    held.release()
+
+
 @pytest.fixture
 def other_host():
     """A command prefix that runs a process under the host name ``other-vm`` (``unshare --uts``)."""
@@ -130,3 +232,18 @@ time.sleep(120)
         assert "taking over" in caplog.text and "on other-vm since" in caplog.text
     finally:
         proc.kill()
+
+
+def test_fence_on_an_object_store(gcs, monkeypatch):  # noqa: F811 - the imported fixture
+    """The fencing read on ``gs://`` (the stand-in object store of test_workdir_paths)."""
+    monkeypatch.setattr(lock_lib, "SETTLE_S", 0.0)
+    path = epath.Path(gcs) / LOCK_FILE
+    held = WorkdirLock(gcs, 0.4)
+    held.acquire()
+    fence = Fence(held, 0.4)
+    assert fence.may_save(1, last=True) and held.holds() is True
+    path.write_text(json.dumps({"host": "pod-b", "pid": 5, "started": "now", "token": "b"}))
+    with pytest.raises(LockLostError, match=r"gs://bucket/run/trainer.lock was taken over by pid 5 on pod-b"):
+        fence.may_save(2, last=False)
+    held.release()
+    assert json.loads(path.read_text())["token"] == "b"  # the new holder's lock is left alone
