@@ -79,7 +79,7 @@ def written_by(work: Path) -> dict[int, int]:
 
 def freeze_after_checkpoint(proc: subprocess.Popen, work: Path, step: int) -> None:
     """SIGSTOP once ``step`` is committed (its next save is a whole interval away: none is in flight)."""
-    wait_for(lambda: step in checkpoint_steps(work), timeout=300, proc=proc, poll=0.02)
+    wait_for(lambda: step in checkpoint_steps(work), timeout=900, proc=proc, poll=0.02)
     proc.send_signal(signal.SIGSTOP)
 
 
@@ -96,7 +96,7 @@ def test_stalled_trainers_woken_after_a_takeover_stop_and_write_nothing(tmp_path
         freeze_after_checkpoint(b, work, 60)
         assert "resumed from" in logs["b"].read_text() and "taking over" in logs["b"].read_text()
         c = start(on_host("pod-c", dit(work, data_dir, 180, 30)), log=logs["c"])
-        wait_for(lambda: any(s > 60 for s in logged_steps(logs["c"])), timeout=300, proc=c, poll=0.02)
+        wait_for(lambda: any(s > 60 for s in logged_steps(logs["c"])), timeout=900, proc=c, poll=0.02)
         assert json.loads((work / "trainer.lock").read_text())["host"] == "pod-c"
 
         # the new holder still running: pod-a wakes, stops at its next step, names pod-c
@@ -136,7 +136,7 @@ def test_two_process_holder_losing_its_lease_stops_every_process(tmp_path, data_
         cmd = dit(work, data_dir, 1_000_000, 25, *flags, "--distributed_timeout=120")
         procs.append(start(cmd, log=logs[i]))
     try:
-        wait_for(lambda: 25 in checkpoint_steps(work), timeout=300, proc=procs[0], poll=0.02)
+        wait_for(lambda: 25 in checkpoint_steps(work), timeout=900, proc=procs[0], poll=0.02)
         new = {"host": "pod-b", "pid": 4242, "started": "now", "token": "pod-b's", "lease_s": LEASE, "beat": 0}
         (work / "trainer.lock").write_text(json.dumps(new))
         taken = time.monotonic()
@@ -158,7 +158,7 @@ def test_unreadable_lock_skips_saves_then_stops_after_a_lease(tmp_path, data_dir
     work, log = tmp_path / "w", tmp_path / "t.log"
     proc = start(dit(work, data_dir, 1_000_000, 50, "--config.checkpoint.async_save=false"), log=log)
     try:  # synchronous saves: once step 50 is listed no save is in flight (the next is 50 steps away)
-        wait_for(lambda: 50 in checkpoint_steps(work), timeout=300, proc=proc, poll=0.02)
+        wait_for(lambda: 50 in checkpoint_steps(work), timeout=900, proc=proc, poll=0.02)
         kept = files(work / CHECKPOINT_DIR)
         lock = work / "trainer.lock"
         lock.unlink()

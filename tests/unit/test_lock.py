@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from etils import epath
 from test_workdir_paths import gcs  # noqa: F401 - the stand-in object store
@@ -195,6 +196,37 @@ def test_stop_request_raises_once_the_lock_is_taken(tmp_path):
             stop.should_stop(2)
             time.sleep(0.01)
     assert time.monotonic() - t0 < 0.4 / 4 + 0.3  # noticed within a quarter lease
+    held.release()
+
+
+def test_processes_compare_at_least_every_eighth_of_a_lease(tmp_path, monkeypatch):
+    """Two processes (simulated: every gather returns this process's votes twice): the agreement comes every
+    ``check_every`` steps, or every eighth of a lease when that is fewer steps; a lost lock stops there."""
+    from gmflow_jax.train import fence as fence_lib
+
+    gathered = []
+    monkeypatch.setattr(fence_lib.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(fence_lib, "_gather", lambda v: gathered.append(v) or np.asarray([v, v]))
+    monkeypatch.setattr(fence_lib, "_from_process_0", lambda code, message: (code, message))
+    held = WorkdirLock(str(tmp_path), 60.0)
+    held.acquire()
+    stop = StopRequest(10, Fence(held, 0.8))  # the agreement's lease: 0.8 s, an eighth is 0.1 s
+    checked = []
+    for step in range(60):
+        time.sleep(0.02)  # at most 5 steps in an eighth of the lease
+        before = len(gathered)
+        assert stop.should_stop(step) is False
+        if len(gathered) > before:
+            checked.append(step)
+    gaps = np.diff(checked)
+    assert checked[0] == 0 and gaps[0] == 1, checked  # no step time measured yet: the next step
+    assert all(1 <= g <= 5 for g in gaps) and max(gaps) > 1, checked  # not every step; never past 1/8 lease
+    assert [int(v[2]) for v in gathered[:-1]] == list(gaps)  # each agreement set the next one
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"host": "pod-b", "pid": 5, "started": "now", "token": "b"}))
+    held.holds()
+    with pytest.raises(LockLostError, match="taken over by pid 5 on pod-b"):
+        for step in range(60, 80):
+            stop.should_stop(step)
     held.release()
 
 
