@@ -78,25 +78,28 @@ def written_by(work: Path) -> dict[int, int]:
 
 
 def freeze_after_checkpoint(proc: subprocess.Popen, work: Path, step: int) -> None:
-    """SIGSTOP once ``step`` is committed (its next save is a whole interval away: none is in flight)."""
-    wait_for(lambda: step in checkpoint_steps(work), timeout=900, proc=proc, poll=0.02)
+    """SIGSTOP once ``step`` and its manifest are written: with synchronous saves, the next save is a whole
+    interval away, so none is in flight (one in flight is the window docs/reliability.md names)."""
+    manifest = work / MANIFEST_DIR / f"{step}.json"
+    wait_for(lambda: manifest.exists() and step in checkpoint_steps(work), timeout=900, proc=proc, poll=0.01)
     proc.send_signal(signal.SIGSTOP)
 
 
 def test_stalled_trainers_woken_after_a_takeover_stop_and_write_nothing(tmp_path, data_dir, on_host):
-    """pod-a is frozen after step 25 and taken over by pod-b, which is frozen after step 60 and taken over by
+    """pod-a is frozen after step 70 and taken over by pod-b, which is frozen after step 200 and taken over by
     pod-c. pod-a wakes while pod-c trains (pod-c finishes unharmed); pod-b wakes after pod-c has finished and
     removed its lock. Neither writes anything after waking."""
     work, logs = tmp_path / "w", {name: tmp_path / f"{name}.log" for name in ("a", "b", "c")}
-    a = start(on_host("pod-a", dit(work, data_dir, 1_000_000, 25)), log=logs["a"])
+    sync = "--config.checkpoint.async_save=false"
+    a = start(on_host("pod-a", dit(work, data_dir, 1_000_000, 70, sync)), log=logs["a"])
     b = c = None
     try:
-        freeze_after_checkpoint(a, work, 25)
-        b = start(on_host("pod-b", dit(work, data_dir, 1_000_001, 30)), log=logs["b"])
-        freeze_after_checkpoint(b, work, 60)
+        freeze_after_checkpoint(a, work, 70)
+        b = start(on_host("pod-b", dit(work, data_dir, 1_000_001, 100, sync)), log=logs["b"])
+        freeze_after_checkpoint(b, work, 200)
         assert "resumed from" in logs["b"].read_text() and "taking over" in logs["b"].read_text()
-        c = start(on_host("pod-c", dit(work, data_dir, 180, 30)), log=logs["c"])
-        wait_for(lambda: any(s > 60 for s in logged_steps(logs["c"])), timeout=900, proc=c, poll=0.02)
+        c = start(on_host("pod-c", dit(work, data_dir, 290, 30)), log=logs["c"])
+        wait_for(lambda: any(s > 200 for s in logged_steps(logs["c"])), timeout=900, proc=c, poll=0.02)
         assert json.loads((work / "trainer.lock").read_text())["host"] == "pod-c"
 
         # the new holder still running: pod-a wakes, stops at its next step, names pod-c
@@ -108,8 +111,8 @@ def test_stalled_trainers_woken_after_a_takeover_stop_and_write_nothing(tmp_path
         assert time.monotonic() - thawed < LEASE / 4 + 30  # the stop, then the process's own teardown
         assert max(logged_steps(logs["a"])) <= max(before) + 2  # no more than the step in flight
         ended(c, logs["c"], 0)  # unharmed
-        assert written_by(work) == {120: 180, 150: 180, 180: 180}  # pod-a's next save (50) never happened
-        assert all(verify_step(work / CHECKPOINT_DIR, s) is None for s in (120, 150, 180))
+        assert written_by(work) == {230: 290, 260: 290, 290: 290}  # pod-a's next save (140) never happened
+        assert all(verify_step(work / CHECKPOINT_DIR, s) is None for s in (230, 260, 290))
         assert not (work / "trainer.lock").exists()
 
         # the new holder finished: pod-b wakes, finds the lock gone, changes nothing
@@ -127,16 +130,17 @@ def test_stalled_trainers_woken_after_a_takeover_stop_and_write_nothing(tmp_path
 
 
 def test_two_process_holder_losing_its_lease_stops_every_process(tmp_path, data_dir):
-    """2 processes on loopback; the lock is taken over (written by another host's trainer) after step 25:
+    """2 processes on loopback; the lock is taken over (written by another host's trainer) after step 50:
     both processes stop within a quarter lease and a step, with process 0's line, and save nothing more."""
     work, port = tmp_path / "w", free_port()
     procs, logs = [], [tmp_path / f"p{i}.log" for i in range(2)]
     for i in range(2):
         flags = (f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}")
-        cmd = dit(work, data_dir, 1_000_000, 25, *flags, "--distributed_timeout=120")
+        cmd = dit(work, data_dir, 1_000_000, 50, "--config.checkpoint.async_save=false", *flags)
         procs.append(start(cmd, log=logs[i]))
     try:
-        wait_for(lambda: 25 in checkpoint_steps(work), timeout=900, proc=procs[0], poll=0.02)
+        manifest = work / MANIFEST_DIR / "50.json"  # synchronous saves: none in flight once it is written
+        wait_for(lambda: manifest.exists() and 50 in checkpoint_steps(work), timeout=900, proc=procs[0], poll=0.01)
         new = {"host": "pod-b", "pid": 4242, "started": "now", "token": "pod-b's", "lease_s": LEASE, "beat": 0}
         (work / "trainer.lock").write_text(json.dumps(new))
         taken = time.monotonic()
@@ -144,7 +148,7 @@ def test_two_process_holder_losing_its_lease_stops_every_process(tmp_path, data_
         assert time.monotonic() - taken < LEASE / 4 + 30
         for line in lines:
             assert re.search(r"trainer.lock was taken over by pid 4242 on pod-b since now: .*last renewed at ", line)
-        assert checkpoint_steps(work) == [25]
+        assert checkpoint_steps(work) == [50]
         assert json.loads((work / "trainer.lock").read_text()) == new  # never rewritten or removed
     finally:
         for p in procs:
