@@ -111,8 +111,8 @@ def test_stalled_trainers_woken_after_a_takeover_stop_and_write_nothing(tmp_path
         assert time.monotonic() - thawed < LEASE / 4 + 30  # the stop, then the process's own teardown
         assert max(logged_steps(logs["a"])) <= max(before) + 2  # no more than the step in flight
         ended(c, logs["c"], 0)  # unharmed
-        assert written_by(work) == {230: 290, 260: 290, 290: 290}  # pod-a's next save (140) never happened
-        assert all(verify_step(work / CHECKPOINT_DIR, s) is None for s in (230, 260, 290))
+        assert written_by(work) == {240: 290, 270: 290, 290: 290}  # pod-a's next save (140) never happened
+        assert all(verify_step(work / CHECKPOINT_DIR, s) is None for s in (240, 270, 290))
         assert not (work / "trainer.lock").exists()
 
         # the new holder finished: pod-b wakes, finds the lock gone, changes nothing
