@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_gaussians = 8
     c.model.logstd_inner_dim = 1024
     c.model.dtype = "bfloat16"
-    c.model.remat = True
+    c.model.remat_policy = "full"
     c.model.spectrum = True
     c.model.spectrum_base_size = (32, 32)
     c.loss.trans_ratio = 0.5
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_gaussians=2,
             logstd_inner_dim=16,
             dtype="float32",
-            remat=False,
+            remat_policy="none",
             spectrum_base_size=(8, 8),
         )
         c.optim.update(warmup_steps=10, clip_start=0)

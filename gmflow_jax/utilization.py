@@ -71,13 +71,17 @@ def chip_for(device_kind: str) -> Chip | None:
     return None
 
 
-def gmdit_forward_flops(mcfg: Any) -> float:
-    """Analytic forward FLOPs of one image through the GM-DiT of ``config.model`` (module docstring)."""
+def _trunk(mcfg: Any) -> tuple[int, int, int]:
+    """(width D, depth L, patch size p) of the GM-DiT of ``config.model``."""
     if mcfg.arch:
         d, depth, _ = DIT_SIZES[mcfg.arch.split("/")[0]]
-        p = int(mcfg.arch.split("/")[1])
-    else:
-        d, depth, p = int(mcfg.hidden_size), int(mcfg.depth), int(mcfg.patch_size)
+        return d, depth, int(mcfg.arch.split("/")[1])
+    return int(mcfg.hidden_size), int(mcfg.depth), int(mcfg.patch_size)
+
+
+def gmdit_forward_flops(mcfg: Any) -> float:
+    """Analytic forward FLOPs of one image through the GM-DiT of ``config.model`` (module docstring)."""
+    d, depth, p = _trunk(mcfg)
     h, w = (mcfg.input_size, mcfg.input_size) if isinstance(mcfg.input_size, int) else tuple(mcfg.input_size)
     c, k, m, inner = int(mcfg.in_channels), int(mcfg.num_gaussians), int(mcfg.mlp_ratio * d), int(mcfg.logstd_inner_dim)
     tokens = (h // p) * (w // p)
@@ -85,6 +89,36 @@ def gmdit_forward_flops(mcfg: Any) -> float:
     attention = 4 * depth * tokens * tokens * d
     per_image = TIME_FREQ_DIM * d + d * d + depth * 6 * d * d + 2 * d * d + d * inner + inner
     return float(2 * tokens * per_token + attention + 2 * per_image)
+
+
+# remat policy (gmdit.REMAT_POLICIES) -> the block's matrix products its backward pass recomputes
+_RECOMPUTED: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "full": ("qkv", "out", "mlp_in", "mlp_out", "scores", "context"),
+    "save_qkv_proj": ("out", "mlp_in", "mlp_out", "scores", "context"),
+    "save_dot_except_mlp": ("mlp_in", "mlp_out", "scores", "context"),
+    "minimal": ("scores", "context"),
+    "minimal_with_context": ("scores",),
+    "matmul_without_batch": ("scores", "context"),
+}
+
+
+def recomputed_forward_share(mcfg: Any, policy: str) -> float:
+    """Share of a GM-DiT forward's FLOPs that the backward pass recomputes under a remat ``policy``: 1 for 'full'
+    (the whole forward, as this module has always counted it), 0 for 'none', the products a policy does
+    not keep for the others (per token and block: q, k, v 6·D², out 2·D², MLP 2·D·M each, scores and
+    context 2·T·D each); ``ValueError`` for an unknown policy."""
+    if policy not in _RECOMPUTED:
+        raise ValueError(f"remat policy must be one of {tuple(_RECOMPUTED)}; got {policy!r}.")
+    if policy == "full":
+        return 1.0
+    d, depth, p = _trunk(mcfg)
+    h, w = (mcfg.input_size, mcfg.input_size) if isinstance(mcfg.input_size, int) else tuple(mcfg.input_size)
+    tokens, m = (h // p) * (w // p), int(mcfg.mlp_ratio * d)
+    cost = {"qkv": 6 * d * d, "out": 2 * d * d, "mlp_in": 2 * d * m, "mlp_out": 2 * d * m}
+    cost.update(scores=2 * tokens * d, context=2 * tokens * d)
+    recomputed = depth * tokens * sum(cost[name] for name in _RECOMPUTED[policy])
+    return float(recomputed) / gmdit_forward_flops(mcfg)
 
 
 def train_flops_per_example(mcfg: Any) -> float | None:

@@ -39,12 +39,17 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmflow_jax.models.factory import build_model, data_shape, split_params
+from gmflow_jax.aot.cost import GIB, Compiled
+from gmflow_jax.models.factory import build_model, data_shape, remat_policy, split_params
 from gmflow_jax.sampling import sample_fn
 from gmflow_jax.sharding import make_mesh
-from gmflow_jax.utilization import Chip, chip_for, gmdit_forward_flops, train_flops_per_example
-
-GIB = 2.0**30
+from gmflow_jax.utilization import (
+    Chip,
+    chip_for,
+    gmdit_forward_flops,
+    recomputed_forward_share,
+    train_flops_per_example,
+)
 
 # Chips of a slice -> the topology of the standard slice shape (v4/v5p: 3-D tori; v5e/v6e: 2-D).
 _3D_SHAPES = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8", 512: "8x8x8"}
@@ -87,63 +92,6 @@ def topology_devices(topology: str) -> list[Any]:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **extra).devices)
 
 
-# Custom calls the TPU cost model prices (XLA's gather/scatter helpers). It counts every other custom call (libtpu
-# 0.0.42.1: eigh, Cholesky, QR and LU blocks, triangular inverses, FSDP's ZeroCrop) as -1 s in 'optimal_seconds'.
-_PRICED_CUSTOM_CALLS = frozenset({"AssumeGatherIndicesInBound", "GatherScatterIndicesBitpacked", "AllocateBuffer"})
-
-
-@dataclasses.dataclass(frozen=True)
-class Compiled:
-    """Per-device figures of one compiled function (bytes and FLOPs as XLA counts them)."""
-
-    argument_bytes: int
-    output_bytes: int
-    alias_bytes: int  # outputs living in donated arguments' buffers
-    temp_bytes: int
-    code_bytes: int
-    flops: float
-    loops: int  # while loops in the program: XLA counts each body's FLOPs once
-    optimal_seconds: float | None = None  # the TPU compiler's run-time estimate as it gives it (s); None off TPU
-    unpriced: tuple[str, ...] = ()  # custom calls its cost model cannot price (targets, one entry per call)
-
-    @classmethod
-    def of(cls, compiled: Any) -> Compiled:
-        mem = compiled.memory_analysis()
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, list | tuple) else cost
-        text = compiled.as_text()
-        unpriced = tuple(t for t in re.findall(r'custom_call_target="([^"]+)"', text) if t not in _PRICED_CUSTOM_CALLS)
-        seconds = cost.get("optimal_seconds")
-        return cls(
-            argument_bytes=int(mem.argument_size_in_bytes),
-            output_bytes=int(mem.output_size_in_bytes),
-            alias_bytes=int(mem.alias_size_in_bytes),
-            temp_bytes=int(mem.temp_size_in_bytes),
-            code_bytes=int(mem.generated_code_size_in_bytes),
-            flops=float(cost.get("flops", 0.0)),
-            loops=len(re.findall(r"\swhile\(", text)),
-            optimal_seconds=None if seconds is None else float(seconds),
-            unpriced=unpriced,
-        )
-
-    @property
-    def estimated_seconds(self) -> float | None:
-        """The compiler's estimate with the ``unpriced`` ops left out (its sum counts each as -1 s; loop bodies
-        once): None without an estimate, or if that is not a positive time."""
-        if self.optimal_seconds is None or self.optimal_seconds + len(self.unpriced) <= 0:
-            return None
-        return self.optimal_seconds + len(self.unpriced)
-
-    @property
-    def total_bytes(self) -> int:
-        """Peak device memory the program needs: arguments + outputs not aliased to them + temporaries + code."""
-        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
-
-    def fits_on(self, chip: Chip | None) -> bool:
-        """Whether ``total_bytes`` fits in the chip's memory (unknown chips: not checked, True)."""
-        return chip is None or self.total_bytes <= chip.memory_gib * GIB
-
-
 @dataclasses.dataclass(frozen=True)
 class StepReport:
     """The train step compiled for ``num_devices`` devices of ``chip``."""
@@ -153,7 +101,7 @@ class StepReport:
     chip: Chip | None
     batch_size: int
     model_flops_per_example: float | None  # analytic (utilization.py); None if not counted
-    remat: bool = False  # blocks recomputed in the backward pass: the step runs 4/3 of the model FLOPs
+    recompute_factor: float = 1.0  # executed / model FLOPs by remat: 4/3 with full remat (utilization.py)
     grad_accum_steps: int = 1  # micro-batches per step (a loop: XLA counts one micro-batch's FLOPs)
 
     @property
@@ -163,12 +111,12 @@ class StepReport:
     @property
     def uncounted_flops(self) -> float | None:
         """FLOPs per device that XLA's count misses: 0 without loops; with loops the analytic FLOPs the step
-        executes (the model's, 4/3 of them with remat) minus the count (at least 0); None if not known."""
+        executes (the model's × ``recompute_factor``) minus the count (at least 0); None if not known."""
         if not self.compiled.loops:
             return 0.0
         if self.model_flops_per_device is None:
             return None
-        return max(0.0, self.model_flops_per_device * (4 / 3 if self.remat else 1.0) - self.compiled.flops)
+        return max(0.0, self.model_flops_per_device * self.recompute_factor - self.compiled.flops)
 
     @property
     def predicted_seconds(self) -> tuple[float, float] | None:
@@ -272,9 +220,11 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
     teacher = setup_teacher(config, mesh, shapes_only=True)  # distillation: the frozen teacher is an argument
     lowered = jit_train_step(config, setup, mesh, teacher).lower(*step_arguments(config, setup, mesh, teacher))
     compiled = _compile(lowered, "train step", STEP_LEVERS)
-    n, remat = int(config.batch_size), bool(config.model.get("remat", False))
+    n, factor = int(config.batch_size), 1.0
+    if config.model.kind == "gmdit":  # the recomputed share of the student's forward (1/3 of its training FLOPs)
+        factor = 1.0 + recomputed_forward_share(config.model, remat_policy(config.model)) / 3.0
     flops = train_flops_per_example(config.model) if teacher is None else flops_per_example(config, teacher)
-    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, remat, config.grad_accum_steps)
+    return StepReport(Compiled.of(compiled), len(devices), _chip(devices), n, flops, factor, config.grad_accum_steps)
 
 
 def _patch_embedding_rows(jaxpr: Any, kernel_shape: tuple[int, ...]) -> int:
@@ -347,7 +297,8 @@ class DoesNotFit(ValueError):
 
 STEP_LEVERS = (
     "try --config.grad_accum_steps=K (the same batch in K micro-batches, activations about 1/K), "
-    "--config.model.remat=True (recompute blocks in the backward pass), a smaller --config.batch_size "
+    "--config.model.remat_policy=full (recompute blocks in the backward pass; 'minimal' keeps their matmuls' "
+    "outputs), a smaller --config.batch_size "
     "(or more devices), or shard the parameters and optimizer state over more devices (--config.mesh='(1,-1)' "
     "with the FSDP rules of configs/imagenet_gmdit_k8.py)."
 )

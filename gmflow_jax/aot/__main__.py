@@ -6,7 +6,8 @@
 Needs libtpu (``pip install 'gmflow_jax[tpu]'`` or ``-r requirements-test.txt``), not a TPU: the
 compile runs on this machine's CPU. Prints per-device memory against the chip's HBM, compiled and
 analytic model FLOPs, the step (and sampler call) time, images/s and MFU predicted by the TPU
-compiler's cost model, and a bracket at 40 % / 60 % MFU; exits 1 with one line naming the shortfall
+compiler's cost model, and a bracket at 40 % / 60 % MFU; ``--breakdown`` adds the step's parts, each
+compiled alone (``gmflow_jax.aot.breakdown``); exits 1 with one line naming the shortfall
 when the step does not fit.
 """
 
@@ -20,11 +21,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: no local accelera
 from absl import app, flags  # noqa: E402
 
 from gmflow_jax import aot, cli  # noqa: E402
+from gmflow_jax.aot import breakdown  # noqa: E402
 from gmflow_jax.train.config import define_config_flag  # noqa: E402
 
 FLAGS = flags.FLAGS
 define_config_flag("config", "Experiment config: a name in configs/ (imagenet_gmdit_k8) or a file path, with ':arg'.")
 flags.DEFINE_string("topology", None, "TPU topology ('v5p:4x4x4') or accelerator type ('v5p-64', 'v5litepod-256').")
+flags.DEFINE_bool(
+    "breakdown", False, "Also compile the step's parts one by one and print their share of the step's time."
+)
 flags.DEFINE_bool("sampler", True, "Also compile the sampler (image models).")
 flags.DEFINE_integer("sampler_batch_per_device", 256, "Sampler batch per device.")
 flags.DEFINE_enum("solver", "gm-ode", ["gm-ode", "gm-sde"], "Sampler solver.")
@@ -47,6 +52,10 @@ def main(argv: list[str]) -> None:
     t0 = time.time()
     step = aot.compile_train_step(config, devices)
     print("\n".join(aot.step_report_lines(step)) + f"\n  (compiled in {time.time() - t0:.0f} s)", flush=True)
+    if FLAGS.breakdown:
+        t0 = time.time()
+        parts = breakdown.compile_parts(config, devices)
+        print("\n".join(breakdown.breakdown_lines(parts, step)) + f"\n  (compiled in {time.time() - t0:.0f} s)")
     if FLAGS.sampler and config.model.kind == "gmdit":
         t0 = time.time()
         sampler = aot.compile_sampler(

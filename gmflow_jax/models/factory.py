@@ -47,11 +47,18 @@ def data_shape(mcfg: Any) -> tuple[int, ...]:
     return (int(h), int(w), int(mcfg.in_channels))
 
 
+def remat_policy(mcfg: Any) -> str:
+    """The GM-DiT's remat policy (``gmdit.REMAT_POLICIES``): ``config.model.remat_policy`` or, where that is
+    ``''`` (or absent, as in the saved configs of older runs), the older bool ``remat``: True -> 'full'."""
+    return mcfg.get("remat_policy", "") or ("full" if mcfg.get("remat", False) else "none")
+
+
 def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFlowModel:
     """The model described by ``config.model`` with parameters drawn from ``rngs``.
 
-    ``remat`` overrides ``config.model.remat`` (sampling builds without it: no gradients, and nnx's
-    remat does not nest in the sampler's vmapped sweeps); the parameters are the same either way.
+    ``remat`` overrides the config's remat policy (``remat_policy``; False: 'none', sampling builds
+    without remat: no gradients, and nnx's remat does not nest in the sampler's vmapped sweeps); the
+    parameters are the same either way.
     """
     if mcfg.kind == "toy":
         net = ToyGMFlow(
@@ -76,7 +83,7 @@ def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFl
         logstd_inner_dim=mcfg.logstd_inner_dim,
         time_scale=float(mcfg.get("time_scale", TAU_SCALE)),
         dtype=jnp.dtype(mcfg.dtype),
-        remat=mcfg.remat if remat is None else remat,
+        remat=remat_policy(mcfg) if remat is None else remat,
         rngs=rngs,
     )
     if mcfg.arch:

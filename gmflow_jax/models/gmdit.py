@@ -9,6 +9,12 @@ function as V1 with its head split into a means and a logits projection (merged 
 ``models.convert``) and the logstd MLP renamed; its students of the REPA teacher see the time as σ
 rather than 1000σ, which ``time_scale`` covers (docs/method.md §10.8).
 
+``remat`` chooses what the backward pass keeps of each block and what it recomputes
+(``REMAT_POLICIES``): nothing but the block's inputs ('full'), everything ('none'), or the outputs of
+named matrix products (``checkpoint_name``: ``query``, ``key``, ``value``, ``context`` (the attention
+of the heads), ``attn_out``, ``mlp_hidden`` (before the GELU), ``mlp_out``). The function computed,
+and its gradients, are the same for every policy.
+
 Every parameter is float32 and carries logical axis names (``out_sharding`` metadata, read
 by ``nnx.get_partition_spec``); a trainer maps them to mesh axes with logical axis rules.
 The names used are listed in ``LOGICAL_AXES``.
@@ -25,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from gmflow_jax.flow import TAU_SCALE
 from gmflow_jax.gm import GM
@@ -184,9 +191,12 @@ class Attention(nnx.Module):
         def heads(y: Array) -> Array:
             return y.reshape(n, t, self.num_heads, d // self.num_heads)
 
-        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        q = heads(checkpoint_name(self.query(x), "query"))
+        k = heads(checkpoint_name(self.key(x), "key"))
+        v = heads(checkpoint_name(self.value(x), "value"))
         o = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
-        return self.out(o.reshape(n, t, d))
+        o = checkpoint_name(o.reshape(n, t, d), "context")
+        return checkpoint_name(self.out(o), "attn_out")
 
 
 class DiTBlock(nnx.Module):
@@ -218,7 +228,8 @@ class DiTBlock(nnx.Module):
         h = _modulate(layer_norm(x, BLOCK_NORM_EPS), shift_msa, scale_msa)
         x = residual_barrier(x + gate_msa[:, None] * self.attn(h))
         h = _modulate(layer_norm(x, self.mlp_norm_eps), shift_mlp, scale_mlp)
-        h = self.fc2(jax.nn.gelu(self.fc1(h), approximate=True))
+        h = checkpoint_name(self.fc1(h), "mlp_hidden")
+        h = checkpoint_name(self.fc2(jax.nn.gelu(h, approximate=True)), "mlp_out")
         return residual_barrier(x + gate_mlp[:, None] * h)
 
 
@@ -226,7 +237,36 @@ def _apply_block(block: DiTBlock, x: Array, c: Array) -> Array:
     return block(x, c)
 
 
-_apply_block_remat = nnx.remat(_apply_block)
+# remat policy -> the block's tensors the backward pass keeps (named above), as in maxtext's policies of
+# the same names; 'matmul_without_batch' keeps every weight matmul's output by JAX's own policy.
+_SAVED_NAMES: dict[str, tuple[str, ...]] = {
+    "save_qkv_proj": ("query", "key", "value"),
+    "save_dot_except_mlp": ("query", "key", "value", "attn_out"),
+    "minimal": ("query", "key", "value", "attn_out", "mlp_hidden", "mlp_out"),
+    "minimal_with_context": ("query", "key", "value", "context", "attn_out", "mlp_hidden", "mlp_out"),
+}
+REMAT_POLICIES = ("none", "full", *_SAVED_NAMES, "matmul_without_batch")
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """``True`` -> 'full', ``False`` -> 'none', a name of ``REMAT_POLICIES`` as it is; ``ValueError`` otherwise."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES} (or a bool); got {remat!r}.")
+    return remat
+
+
+@functools.cache
+def _block_function(policy: str):
+    """``_apply_block`` rematerialised by ``policy`` (a name of ``REMAT_POLICIES``)."""
+    if policy == "none":
+        return _apply_block
+    if policy == "full":
+        return nnx.remat(_apply_block)
+    if policy == "matmul_without_batch":
+        return nnx.remat(_apply_block, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return nnx.remat(_apply_block, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
 
 
 class GMDiT(nnx.Module):
@@ -249,7 +289,7 @@ class GMDiT(nnx.Module):
         logstd_inner_dim: int = 1024,
         time_scale: float = TAU_SCALE,
         dtype: jnp.dtype | str = jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
         attention_impl: str | None = None,
         eager_sharding: bool | None = False,
         rngs: nnx.Rngs,
@@ -260,10 +300,11 @@ class GMDiT(nnx.Module):
         ``mlp_norm_eps``: eps of the MLP-branch LayerNorm (diffusers' ``norm_eps``, 1e-5;
         the original DiT uses 1e-6). ``time_scale``: the network embeds the time ``σ · time_scale``,
         i.e. ``tau · time_scale / 1000``: 1000 (GMFlow, DiT) takes ``tau`` as it is; the authors' pi-Flow
-        students of the REPA teacher were trained with 1 (their ``num_timesteps``). ``remat``
-        rematerialises every block in the backward pass. ``attention_impl`` goes to
-        ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on GPUs). ``eager_sharding``: False stores
-        the logical axis names as metadata only (no mesh needed); None follows ``nnx.use_eager_sharding``.
+        students of the REPA teacher were trained with 1 (their ``num_timesteps``). ``remat``: a name of
+        ``REMAT_POLICIES`` (what the backward pass keeps of each block), True for 'full', False for 'none'.
+        ``attention_impl`` goes to ``jax.nn.dot_product_attention`` (None: XLA; 'cudnn' on GPUs).
+        ``eager_sharding``: False stores the logical axis names as metadata only (no mesh needed); None
+        follows ``nnx.use_eager_sharding``.
         """
         h, w = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
         p = patch_size
@@ -293,7 +334,7 @@ class GMDiT(nnx.Module):
         self.hidden_size = hidden_size
         self.freq_shift = float(freq_shift)
         self.time_scale = float(time_scale)
-        self.remat = remat
+        self.remat = remat_policy_name(remat)
         self.dtype = dtype
         kw = dict(dtype=dtype, eager_sharding=eager_sharding, rngs=rngs)
         d = hidden_size
@@ -361,7 +402,7 @@ class GMDiT(nnx.Module):
         c = self.conditioning(tau, labels)
         tokens = self.patch_embed(patchify(x, p)).astype(jnp.float32)
         tokens = tokens + jnp.asarray(sincos_pos_embed(self.hidden_size, h // p, w // p))[None]
-        apply = _apply_block_remat if self.remat else _apply_block
+        apply = _block_function(self.remat)
         for block in self.blocks:
             tokens = apply(block, tokens, c)
         shift, scale = jnp.split(self.final_adaln(nnx.silu(c)).astype(jnp.float32), 2, axis=-1)

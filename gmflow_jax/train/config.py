@@ -17,7 +17,9 @@ file starts from ``base_config()`` and changes values. Fields:
   held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.data.device``),
   ``worker_count``, ``prefetch``, ``image_size``: the side of the images a latent dataset was encoded
   from (``imagenet_latents``: checked against the dataset's record, with ``model.vae``; 0: not checked).
-* ``model``: see ``gmflow_jax.models.factory``; ``model.vae``: the diffusers ``AutoencoderKL`` folder
+* ``model``: see ``gmflow_jax.models.factory``; ``model.remat_policy``: what the backward pass keeps of
+  each block (``gmflow_jax.models.gmdit.REMAT_POLICIES``: 'none', 'full', 'minimal', ...; ``''``:
+  the older bool ``model.remat``, True being 'full'); ``model.vae``: the diffusers ``AutoencoderKL`` folder
   whose (scaled) latents the model works in, ``''`` for pixel-space data; a relative path is
   relative to the run's workdir (the Sampler decodes with it).
 * ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
@@ -64,6 +66,7 @@ from absl import logging
 
 from gmflow_jax.checkpoint import config_changes, workdir_path, write_atomic
 from gmflow_jax.models.factory import MODEL_KINDS
+from gmflow_jax.models.gmdit import REMAT_POLICIES
 
 CONFIG_PACKAGE = "gmflow_jax.configs"
 
@@ -116,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
             time_scale=1000.0,
             dtype="float32",
             remat=False,
+            remat_policy="",
             spectrum=True,
             spectrum_base_size=(8, 8),
             vae="",
@@ -407,6 +411,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _int(c, "model.in_channels", 1)
         _choice(c, "model.dtype", ("float32", "bfloat16"))
         _num(c, "model.time_scale", 0.0, lo_open=True)
+        _choice(c, "model.remat_policy", ("", *REMAT_POLICIES))
+        _need(
+            not (m.remat and m.remat_policy not in ("", "full")),
+            "model.remat",
+            f"False with model.remat_policy={m.remat_policy!r} (remat=True is the older spelling of 'full')",
+            m.remat,
+        )
         if not m.arch:
             for f in ("patch_size", "hidden_size", "depth", "num_heads"):
                 _int(c, f"model.{f}", 1)

@@ -136,7 +136,7 @@ def test_cli_step_that_does_not_fit():
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("gmflow_jax.aot: error: the train step does not fit"), result.stderr[-3000:]
-    assert "GiB more than the" in last and "--config.model.remat=True" in last
+    assert "GiB more than the" in last and "--config.model.remat_policy=full" in last
     assert "Traceback" not in result.stderr
 
 
