@@ -42,7 +42,9 @@ def run_case(topology: str, with_sampler: bool, overrides: list[str]) -> None:
             node = node[p]
         node[leaf] = value if isinstance(node[leaf], str) else ast.literal_eval(value)
     result = dict(topology=aot.resolve_topology(topology), chips=len(devices), batch=config.batch_size)
-    result.update(remat=bool(config.model.remat), mesh=list(config.mesh), chip=devices[0].device_kind)
+    from gmflow_jax.models.factory import remat_policy
+
+    result.update(remat=remat_policy(config.model), mesh=list(config.mesh), chip=devices[0].device_kind)
     result.update(accum=config.grad_accum_steps)
     t0 = time.time()
     try:
