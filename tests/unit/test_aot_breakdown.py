@@ -57,4 +57,3 @@ def test_distillation_parts(devices):
     ]
     _check(parts, step, names)
     assert parts[3].count == config.distill.num_intermediate_states
-
