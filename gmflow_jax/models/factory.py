@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gmflow_jax.flow import TAU_SCALE
-from gmflow_jax.models.gmdit import GMDiT
+from gmflow_jax.models.gmdit import REMAT_POLICIES, GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP
 from gmflow_jax.models.toy import ToyGMFlow
 
@@ -48,9 +48,22 @@ def data_shape(mcfg: Any) -> tuple[int, ...]:
 
 
 def remat_policy(mcfg: Any) -> str:
-    """The GM-DiT's remat policy (``gmdit.REMAT_POLICIES``): ``config.model.remat_policy`` or, where that is
+    """The GM-DiT's remat policy (``gmdit.REMAT_POLICIES``: what the backward pass keeps of each block):
+    ``config.model.remat_policy`` or, where that is
     ``''`` (or absent, as in the saved configs of older runs), the older bool ``remat``: True -> 'full'."""
     return mcfg.get("remat_policy", "") or ("full" if mcfg.get("remat", False) else "none")
+
+
+def check_remat_policy(mcfg: Any) -> None:
+    """``ValueError`` unless ``remat_policy`` is ``''`` or a name of ``REMAT_POLICIES`` and agrees with ``remat``."""
+    policy = mcfg.get("remat_policy", "")
+    if policy not in ("", *REMAT_POLICIES):
+        raise ValueError(f"config.model.remat_policy must be one of {('', *REMAT_POLICIES)}; got {policy!r}.")
+    if mcfg.get("remat", False) and policy not in ("", "full"):
+        raise ValueError(
+            f"config.model.remat must be False with model.remat_policy={policy!r} (remat=True is the older "
+            "spelling of 'full'); got True."
+        )
 
 
 def build_model(mcfg: Any, rngs: nnx.Rngs, *, remat: bool | None = None) -> GMFlowModel:

@@ -17,9 +17,7 @@ file starts from ``base_config()`` and changes values. Fields:
   held whole on every device, batches drawn by a jitted gather; see ``gmflow_jax.data.device``),
   ``worker_count``, ``prefetch``, ``image_size``: the side of the images a latent dataset was encoded
   from (``imagenet_latents``: checked against the dataset's record, with ``model.vae``; 0: not checked).
-* ``model``: see ``gmflow_jax.models.factory``; ``model.remat_policy``: what the backward pass keeps of
-  each block (``gmflow_jax.models.gmdit.REMAT_POLICIES``: 'none', 'full', 'minimal', ...; ``''``:
-  the older bool ``model.remat``, True being 'full'); ``model.vae``: the diffusers ``AutoencoderKL`` folder
+* ``model``: see ``gmflow_jax.models.factory`` (remat_policy too); ``model.vae``: the diffusers ``AutoencoderKL`` folder
   whose (scaled) latents the model works in, ``''`` for pixel-space data; a relative path is
   relative to the run's workdir (the Sampler decodes with it).
 * ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
@@ -65,8 +63,7 @@ import ml_collections
 from absl import logging
 
 from gmflow_jax.checkpoint import config_changes, workdir_path, write_atomic
-from gmflow_jax.models.factory import MODEL_KINDS
-from gmflow_jax.models.gmdit import REMAT_POLICIES
+from gmflow_jax.models.factory import MODEL_KINDS, check_remat_policy
 
 CONFIG_PACKAGE = "gmflow_jax.configs"
 
@@ -411,13 +408,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         _int(c, "model.in_channels", 1)
         _choice(c, "model.dtype", ("float32", "bfloat16"))
         _num(c, "model.time_scale", 0.0, lo_open=True)
-        _choice(c, "model.remat_policy", ("", *REMAT_POLICIES))
-        _need(
-            not (m.remat and m.remat_policy not in ("", "full")),
-            "model.remat",
-            f"False with model.remat_policy={m.remat_policy!r} (remat=True is the older spelling of 'full')",
-            m.remat,
-        )
+        check_remat_policy(m)
         if not m.arch:
             for f in ("patch_size", "hidden_size", "depth", "num_heads"):
                 _int(c, f"model.{f}", 1)
@@ -436,7 +427,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             "num_gaussians=1, learn_std=False and spectrum=False for loss.objective='l2'",
             {k: m.get(k) for k in ("num_gaussians", "learn_std", "spectrum")},
         )
-    o = c.optim
     _num(c, "optim.lr", 0.0, lo_open=True)
     _num(c, "optim.b1", 0.0, 1.0)
     _num(c, "optim.b2", 0.0, 1.0)
@@ -448,7 +438,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _num(c, "optim.final_lr_factor", 0.0, 1.0)
     _num(c, "optim.clip_norm", 0.0)
     _int(c, "optim.clip_start", 0)
-    del o
     _num(c, "ema.max_nimg", 0.0)
     _num(c, "ema.ratio", 0.0)
     _choice(c, "ema.kind", ("rampup", "power"))
