@@ -38,7 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path, write_atomic
+from gmflow_jax.storage import copy_file, file_sizes, is_url, workdir_path, write_atomic
 
 CHECKERBOARD_SIZE = 1 << 20
 CHECKERBOARD_SEED = 0

@@ -47,8 +47,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.proto import tf_example_pb2
 
-from gmflow_jax.checkpoint import is_url, workdir_path, write_atomic
 from gmflow_jax.data.builders import _LocalBuilder, _quiet, sync_folder
+from gmflow_jax.storage import is_url, workdir_path, write_atomic
 
 NAME = "imagenet_latents"
 DATASET_VERSION = "1.0.0"

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmflow_jax.checkpoint import open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate.metrics import hsv_saturation
+from gmflow_jax.storage import open_npz, workdir_path, write_npz
 
 
 class FeatureNetwork(Protocol):

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from gmflow_jax.checkpoint import file_size, open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, check_resolution, features_of_batches, npz_array_batches
+from gmflow_jax.storage import file_size, open_npz, workdir_path, write_npz
 
 ADM_MIN_SAMPLES = 50_000
 INCEPTION_FAMILY = "inception-v3-fid"  # ADM's batches were made with the TF graph whose weights pytorch-fid ports

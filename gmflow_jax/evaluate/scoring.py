@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from gmflow_jax.checkpoint import open_npz, workdir_path
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, cached_features
 from gmflow_jax.evaluate.reference import Reference
+from gmflow_jax.storage import open_npz, workdir_path
 
 METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
 

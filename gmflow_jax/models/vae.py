@@ -25,8 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmflow_jax.checkpoint import workdir_path
 from gmflow_jax.models.convert import read_diffusers_folder, to_numpy
+from gmflow_jax.storage import workdir_path
 
 Array = jax.Array
 

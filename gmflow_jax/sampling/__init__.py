@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import piflow, solvers
+from gmflow_jax import piflow, solvers, storage
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.sampling import labels as labels_lib
 
@@ -229,7 +229,7 @@ class Sampler:
         s, (graphdef, params, config) = found
         if problems:
             logging.warning("sampling from the previous good checkpoint, step %d", s)
-        root = ckpt_lib.workdir_path(directory)
+        root = storage.workdir_path(directory)
         return cls(graphdef, params, config, step=s, path=str(root / str(s)), workdir=str(root.parent))
 
     # --- helpers ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import piflow
+from gmflow_jax import piflow, storage
 from gmflow_jax.flow import TAU_SCALE, to_tau
 from gmflow_jax.gm import gm_mean
 from gmflow_jax.models.factory import build_model, data_shape, split_params
@@ -187,7 +187,7 @@ def load_teacher(teacher: TeacherSetup) -> Any:
         params = ckpt_lib.restore(teacher.directory, teacher.step, {"ema": teacher.abstract})["ema"]
     except Exception as e:  # noqa: BLE001 - one line naming the teacher
         raise TeacherError(
-            f"config.distill.teacher={teacher.path!r}: could not load step {teacher.step} ({ckpt_lib.describe(e)})."
+            f"config.distill.teacher={teacher.path!r}: could not load step {teacher.step} ({storage.describe(e)})."
         ) from e
     logging.info(
         "teacher: %s step %d (%s)", teacher.path, teacher.step, "flow matching" if teacher.flow_matching else "GMFlow"

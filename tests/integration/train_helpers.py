@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, read_meta, restore, verify_step, workdir_path
+from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, read_meta, restore, verify_step
+from gmflow_jax.storage import workdir_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

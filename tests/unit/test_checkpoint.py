@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gmflow_jax import checkpoint as ckpt
+from gmflow_jax import storage
 
 
 def state(step: int) -> dict:
@@ -162,7 +163,7 @@ def test_describe_reports_the_root_cause_in_one_line():
         except ValueError as inner:
             raise Exception("Encountered error while reading array index\nSee full details") from inner
     except Exception as e:
-        line = ckpt.describe(e)
+        line = storage.describe(e)
     assert line.startswith("ValueError: FAILED_PRECONDITION") and line.endswith("ZSTD_decompressStream() failed")
     assert " … " in line and "\n" not in line and len(line) < 330
 

@@ -153,8 +153,8 @@ def test_decode(sampler):
 
 
 def test_command_line_and_evaluation(student, sampler, tmp_path):
-    from gmflow_jax.checkpoint import open_npz
     from gmflow_jax.evaluate.sampling import Setting, evaluate_samples
+    from gmflow_jax.storage import open_npz
 
     workdir = str(student[0])
     out = tmp_path / "s.npz"
