@@ -33,8 +33,9 @@ Restoring tells three failures apart and destroys nothing:
 Writing is ``Checkpointer`` (the trainer's). Reading is the functions below it, used by the trainer's
 restore, ``init_from``, the ``Sampler`` and anything else that opens a run: ``locate`` (a workdir,
 its ``checkpoints/`` root or one step directory), ``list_steps``, ``verify_step`` (the manifest
-check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state`` item), and
-``newest_good`` (the newest step that passes a check, trying older ones).
+check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state`` item). The three
+failure kinds, the retries and ``newest_good`` (the newest step that passes a check, trying older ones)
+are ``gmflow_jax.recovery``'s.
 """
 
 from __future__ import annotations
@@ -53,7 +54,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from gmflow_jax.multihost import barrier, max_over_processes
+from gmflow_jax.multihost import barrier
+from gmflow_jax.recovery import (
+    CheckpointError,
+    IncompatibleCheckpointError,
+    newest_good,
+    with_retries,
+)
 from gmflow_jax.storage import describe, file_sizes, is_url, move, workdir_path, write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -63,20 +70,6 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 SET_ASIDE_DIR = "replaced_runs"
 COMMIT_FILE = "commit_success.txt"  # orbax's mark of a committed step where it cannot rename (GCS)
-TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Temporary failure", "timed out")
-RETRY_DELAYS_S = (1.0, 4.0, 16.0)  # back-off before each retry of a transient read error
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be restored, or a requested checkpoint is missing or damaged."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-    """The checkpoint holds a different parameter tree than the config builds (nothing was changed)."""
-
-
-class TransientCheckpointError(CheckpointError):
-    """Reading failed with an I/O error that may pass, even after retries (nothing was changed)."""
 
 
 class _IteratorSnapshot:
@@ -360,76 +353,6 @@ def restore(directory: str | os.PathLike, step: int, target: dict[str, Any] | No
         return ckptr.restore(
             path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         )
-
-
-def newest_good(
-    steps: list[int],
-    attempt: Callable[[int], Any],
-    on_damaged: Callable[[int, str], None] | None = None,
-    *,
-    where: str,
-    all_processes: bool = False,
-) -> tuple[tuple[int, Any] | None, list[str]]:
-    """Tries ``attempt(step)`` from the newest step down; returns ``((step, value) or None, problems)``.
-
-    A step whose ``attempt`` raises is damaged: it is logged in one line, passed to
-    ``on_damaged(step, reason)`` and the previous step is tried. ``IncompatibleCheckpointError`` and
-    ``TransientCheckpointError`` are not damage: they stop the search at once. With ``all_processes``
-    every JAX process takes the same decision (the worst outcome of any process).
-    """
-    ok, damaged, stop = 0, 1, 2
-    problems = []
-    for step in reversed(steps):
-        value, problem, error, outcome = None, None, None, ok
-        try:
-            value = attempt(step)
-        except (IncompatibleCheckpointError, TransientCheckpointError) as e:
-            error, outcome = e, stop
-        except Exception as e:  # any other failure to read a step makes it damaged
-            problem, outcome = describe(e), damaged
-        if all_processes:
-            outcome = max_over_processes(outcome)
-        if outcome == stop:
-            raise error or CheckpointError(f"another process stopped restoring step {step} in {where}")
-        if outcome == ok:
-            return (step, value), problems
-        problem = problem or "another process could not restore it"
-        logging.warning("checkpoint step %d in %s is damaged (%s); trying the previous one", step, where, problem)
-        problems.append(f"step {step}: {problem}")
-        if on_damaged is not None:
-            on_damaged(step, problem)
-    return None, problems
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether ``e`` looks like an I/O error that may pass (network storage hiccups)."""
-    text = f"{e} {describe(e)}"
-    return isinstance(e, TimeoutError | ConnectionError) or any(m in text for m in TRANSIENT_MARKERS)
-
-
-def with_retries(fn: Callable[[int], Any], delays: tuple[float, ...] = RETRY_DELAYS_S) -> Callable[[int], Any]:
-    """``fn(step)``, retried after each of ``delays`` seconds while it fails transiently; then
-    ``TransientCheckpointError``. Other errors pass through at once."""
-
-    def run(step: int) -> Any:
-        for retry in range(len(delays) + 1):
-            try:
-                return fn(step)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                if retry == len(delays):
-                    raise TransientCheckpointError(
-                        f"reading checkpoint step {step} failed {retry + 1} times ({describe(e)}); nothing was "
-                        "changed: retry when the storage is reachable."
-                    ) from e
-                logging.warning("reading checkpoint step %d: %s; retrying in %g s", step, describe(e), delays[retry])
-                time.sleep(delays[retry])
-        raise AssertionError("unreachable")
-
-    return run
 
 
 def _key(entry: Any) -> str:

@@ -46,7 +46,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import piflow, solvers, storage
+from gmflow_jax import piflow, recovery, solvers, storage
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.sampling import labels as labels_lib
 
@@ -219,9 +219,9 @@ class Sampler:
             raise SamplingCheckpointError(f"checkpoint step {step} not found in {directory}; it has {steps}.")
         sharding = NamedSharding(_sample_mesh(), P())
         which = "ema" if use_ema else "params"
-        found, problems = ckpt_lib.newest_good(
+        found, problems = recovery.newest_good(
             [step] if step is not None else steps,
-            ckpt_lib.with_retries(lambda s: _load_step(directory, s, which, sharding)),
+            recovery.with_retries(lambda s: _load_step(directory, s, which, sharding)),
             where=path,
         )
         if found is None:
