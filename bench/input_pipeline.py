@@ -60,11 +60,11 @@ def write_dataset(data_dir: str | os.PathLike, records: int, seed: int = 0, shar
     """
     import numpy as np
 
-    from gmflow_jax.data import imagenet
+    from gmflow_jax.data import imagenet, images
     from gmflow_jax.models.vae import VAEConfig
 
     synsets = tuple(f"n{i:08d}" for i in range(1000))
-    refs = tuple(imagenet.ImageRef(i % 1000, f"{synsets[i % 1000]}/{i}.JPEG", "") for i in range(records))
+    refs = tuple(images.ImageRef(i % 1000, f"{synsets[i % 1000]}/{i}.JPEG", "") for i in range(records))
     plan = imagenet.BuildPlan(
         data_dir=os.path.abspath(os.fspath(data_dir)),
         split="train",
@@ -193,7 +193,8 @@ def _direct_source(data_dir: str):
     """``load_source``'s ``LatentSource`` for ``imagenet_latents`` in ``data_dir``, without its local copy of a
     ``gs://`` dataset: array_record's reader (riegeli's GcsReader) reads the objects."""
     from gmflow_jax.data.builders import _quiet
-    from gmflow_jax.data.imagenet import ImagenetLatents, LatentSource
+    from gmflow_jax.data.imagenet import ImagenetLatents
+    from gmflow_jax.data.latent_source import LatentSource
 
     with _quiet():
         builder = ImagenetLatents(data_dir=data_dir, file_format="array_record")

@@ -209,7 +209,7 @@ def image_source(images: str, resolution: int) -> tuple[tuple[int, ...], Iterato
     def batches() -> Iterator[np.ndarray]:
         from PIL import Image
 
-        from gmflow_jax.data.imagenet import center_crop
+        from gmflow_jax.data.images import center_crop
 
         for i in range(0, len(files), 500):
             out = []

@@ -26,7 +26,7 @@ from train_helpers import ROOT, check_run, child_env, run, two_processes, wait_f
 
 from gmflow_jax import checkpoint as ckpt
 from gmflow_jax import storage
-from gmflow_jax.data import imagenet
+from gmflow_jax.data import synthetic
 
 TINY_VAE = dict(
     block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32
@@ -101,8 +101,8 @@ def test_pod_job_preempted_without_grace_resumes_on_new_vms_then_evaluates_into_
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))  # each host's local copy of the dataset
     bucket = gcs_emulator
     data, vae, workdir = f"{bucket}/data", f"{bucket}/vae", f"{bucket}/runs/{tmp_path.name}"
-    src = imagenet.write_synthetic_imagenet(tmp_path / "src")
-    vae_local = imagenet.write_random_vae(tmp_path / "vae", **TINY_VAE)
+    src = synthetic.write_synthetic_imagenet(tmp_path / "src")
+    vae_local = synthetic.write_random_vae(tmp_path / "vae", **TINY_VAE)
     for name in os.listdir(vae_local):
         storage.copy_file(os.path.join(vae_local, name), f"{vae}/{name}")
     build = [sys.executable, "-m", "gmflow_jax.data.build_imagenet", f"--source={src}", f"--data_dir={data}"]

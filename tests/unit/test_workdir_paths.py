@@ -284,28 +284,28 @@ def test_npz_files_and_copies_on_an_object_store(gcs, tmp_path):
 
 
 def test_dataset_copies_complete_files_and_its_info_last(gcs, tmp_path, monkeypatch):
-    from gmflow_jax.data import builders
+    from gmflow_jax.data import staging
 
     for name, size in (("dataset_info.json", 3), ("features.json", 5), ("x.array_record-00000-of-00002", 40)):
         epath.Path(f"{gcs}/data/ds/1.0.0/{name}").write_bytes(b"z" * size)
     epath.Path(f"{gcs}/data/ds/1.0.0/x.array_record-00001-of-00002").write_bytes(b"y" * 7)
     order = []
     copy = storage.copy_file
-    monkeypatch.setattr(builders, "copy_file", lambda s, d: (order.append(epath.Path(s).name), copy(s, d)))
+    monkeypatch.setattr(staging, "copy_file", lambda s, d: (order.append(epath.Path(s).name), copy(s, d)))
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
-    local = builders.stage("ds", f"{gcs}/data")
+    local = staging.stage("ds", f"{gcs}/data")
     assert local == str(tmp_path / "cache" / "datasets" / "bucket" / "run" / "data")
     assert order[-1] == "dataset_info.json" and len(order) == 4  # a copy cut short is no dataset
-    copied = {k: v for k, v in storage.file_sizes(f"{local}/ds").items() if k != builders.SYNC_MANIFEST}
+    copied = {k: v for k, v in storage.file_sizes(f"{local}/ds").items() if k != staging.SYNC_MANIFEST}
     assert copied == storage.file_sizes(f"{gcs}/data/ds")
     (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/features.json").write_bytes(b"zz")  # cut short
     order.clear()
-    builders.stage("ds", f"{gcs}/data")
+    staging.stage("ds", f"{gcs}/data")
     assert order == ["features.json"]  # a rerun copies only what is missing or differs
     time.sleep(1.1)  # object stores give times in seconds
     epath.Path(f"{gcs}/data/ds/1.0.0/dataset_info.json").write_bytes(b"new")  # rebuilt: same size, new content
     order.clear()
-    builders.stage("ds", f"{gcs}/data")
+    staging.stage("ds", f"{gcs}/data")
     assert order == ["dataset_info.json"]
     assert (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/dataset_info.json").read_bytes() == b"new"
 
@@ -331,19 +331,19 @@ def test_evaluation_metrics_and_plots_on_an_object_store(gcs):
 def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
     import tarfile
 
-    from gmflow_jax.data import builders, imagenet
+    from gmflow_jax.data import imagenet, images, staging, synthetic
     from gmflow_jax.models.convert import read_diffusers_folder
 
-    src = imagenet.write_synthetic_imagenet(tmp_path / "src", num_synsets=2, per_class=2)
-    builders.sync_folder(src, f"{gcs}/src", last=())
-    local, remote = imagenet.list_images(src), imagenet.list_images(f"{gcs}/src")
+    src = synthetic.write_synthetic_imagenet(tmp_path / "src", num_synsets=2, per_class=2)
+    staging.sync_folder(src, f"{gcs}/src", last=())
+    local, remote = images.list_images(src), images.list_images(f"{gcs}/src")
     assert local[0] == remote[0] and [r.name for r in local[1]] == [r.name for r in remote[1]]
     assert [r.read() for r in local[1]] == [r.read() for r in remote[1]]
     for synset in local[0]:  # a folder of per-synset tars, read by offsets
         with tarfile.open(tmp_path / f"{synset}.tar", "w") as tar:
             tar.add(tmp_path / "src" / synset, arcname=synset)
         storage.copy_file(tmp_path / f"{synset}.tar", f"{gcs}/tars/{synset}.tar")
-    tars = imagenet.list_images(f"{gcs}/tars")
+    tars = images.list_images(f"{gcs}/tars")
     assert sorted(r.read() for r in tars[1]) == sorted(r.read() for r in local[1])
 
     vae = tmp_path / "vae"
@@ -352,7 +352,7 @@ def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.arange(6, dtype=np.float16)}, str(vae / "diffusion_pytorch_model.fp16.safetensors"))
-    builders.sync_folder(vae, f"{gcs}/vae", last=())
+    staging.sync_folder(vae, f"{gcs}/vae", last=())
     config, state = read_diffusers_folder(f"{gcs}/vae")
     assert config == json.loads((vae / "config.json").read_text())
     np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32))
