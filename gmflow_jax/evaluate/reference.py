@@ -224,7 +224,7 @@ def image_source(images: str, resolution: int) -> tuple[tuple[int, ...], Iterato
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from gmflow_jax.evaluate.scoring import feature_network
+    from gmflow_jax.evaluate.features import feature_network
 
     f = flags.FLAGS
     if len(argv) > 1:
