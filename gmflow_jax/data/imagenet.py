@@ -8,7 +8,7 @@ config and sha256 fingerprint, and the image counts.
 
 Per image (the published recipe): decode, convert to RGB (CMYK / grayscale JPEGs exist), ADM centre crop
 to S² (``center_crop``), horizontal flip iff ``flip_for(seed, index)``, ``2·img/255 − 1``, posterior
-sample × ``scaling_factor`` via ``vae.encode``. ``index`` is the image's position in the file list
+sample × ``scaling_factor`` via ``vae_apply.encode``. ``index`` is the image's position in the file list
 (synsets sorted, file names sorted within a synset), the same for a folder and a tar of tars. Files
 that do not decode are skipped (counted, logged). The VAE key of a batch is ``fold_in(key(seed),
 first index of the batch)`` with batches aligned to ``batch_size`` inside each shard, skipped files kept
@@ -310,7 +310,7 @@ def encode_shard(plan: BuildPlan, shard: int, vae: Any, pool: concurrent.futures
     """The records of one shard: images decoded and cropped on ``pool``, encoded in aligned batches."""
     import jax
 
-    from gmflow_jax.models import vae as vae_lib
+    from gmflow_jax.models import vae_apply
 
     start, stop = shard * plan.shard_size, min((shard + 1) * plan.shard_size, len(plan.refs))
     size = plan.image_size
@@ -343,7 +343,7 @@ def encode_shard(plan: BuildPlan, shard: int, vae: Any, pool: concurrent.futures
         x = np.zeros((plan.batch_size, size, size, 3), np.uint8)  # fixed shape: one compilation
         for k in kept:
             x[k] = images[k]
-        latents = np.asarray(vae_lib.encode(vae, x, jax.random.fold_in(base_key, batch.start)))
+        latents = np.asarray(vae_apply.encode(vae, x, jax.random.fold_in(base_key, batch.start)))
         rec = np.zeros(len(kept), plan.record_dtype())
         rec["index"] = [batch[k] for k in kept]
         rec["label"] = [plan.refs[batch[k]].label for k in kept]

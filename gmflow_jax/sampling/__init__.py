@@ -256,9 +256,9 @@ class Sampler:
             raise ValueError(
                 f"latents must have shape (N, {', '.join(map(str, self.data_shape))}); got {latents.shape}."
             )
-        from gmflow_jax.models import vae as vae_lib
+        from gmflow_jax.models import vae_apply
 
-        return vae_lib.decode(self.vae, latents)
+        return vae_apply.decode(self.vae, latents)
 
     @property
     def vae(self) -> Any:
