@@ -116,7 +116,7 @@ def test_one_device_and_eight_devices_make_the_same_steps():
         import jax, numpy as np
         from gmflow_jax.sharding import make_mesh
         from gmflow_jax.train.config import load_config
-        from gmflow_jax.train.state import frozen_mask, init_state, setup_state
+        from gmflow_jax.train.state import init_state, setup_state
         from gmflow_jax.train.step import jit_train_step
         sys.path.insert(0, HERE)
         from tree_helpers import assert_trees_close, digits_batch
