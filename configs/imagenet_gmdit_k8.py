@@ -10,7 +10,7 @@ Needs the ``imagenet_latents`` dataset (256² ADM crops, 32×32×4 latents), bui
 with (the trainer checks it against the dataset's record).
 
 ``get_config('tiny')`` trains a one-block GM-DiT (like ``digits_gmdit:tiny``) on the 8×8×4 latents of a
-tiny synthetic ImageNet (``gmflow_jax.data.imagenet.write_synthetic_imagenet``: up to 10 synsets, 32²
+tiny synthetic ImageNet (``gmflow_jax.data.synthetic.write_synthetic_imagenet``: up to 10 synsets, 32²
 crops, a VAE with downsampling factor 4), batch 8, no FSDP: the tests' model. ``get_config('fm')`` is the
 flow-matching baseline of the same network (K = 1, L2 loss): the architecture of the flow-matching
 DiT teacher of the authors' pi-Flow ImageNet students (``configs/imagenet_piflow_k32.py``).

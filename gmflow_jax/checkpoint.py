@@ -15,11 +15,9 @@ renames it; on Google Cloud Storage (no rename) it writes ``<step>/commit_succes
 manifest is written by process 0 once the save has finished; on restore it detects truncated or
 deleted files.
 
-Paths: ``workdir_path`` turns what the user gave (a local path, ``file:///...`` or
-``gs://BUCKET/...``) into an ``etils.epath.Path``, and every file operation here goes through
-``epath``, so the same code runs on a local disk and on GCS (through ``gcsfs``). Moving a step or
-a run aside is a rename locally and a copy of every file, then a delete, on GCS (see
-docs/reliability.md for what that means when interrupted).
+Paths go through ``gmflow_jax.storage`` (local, ``file://`` or ``gs://``), so the same code runs on a
+local disk and on GCS. Moving a step or a run aside is a rename locally and a copy of every file, then
+a delete, on GCS (see docs/reliability.md for what that means when interrupted).
 
 Restoring tells three failures apart and destroys nothing:
 
@@ -35,32 +33,35 @@ Restoring tells three failures apart and destroys nothing:
 Writing is ``Checkpointer`` (the trainer's). Reading is the functions below it, used by the trainer's
 restore, ``init_from``, the ``Sampler`` and anything else that opens a run: ``locate`` (a workdir,
 its ``checkpoints/`` root or one step directory), ``list_steps``, ``verify_step`` (the manifest
-check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state`` item), and
-``newest_good`` (the newest step that passes a check, trying older ones).
+check), ``read_meta`` and ``restore`` (a partial PyTree restore of the ``state`` item). The three
+failure kinds, the retries and ``newest_good`` (the newest step that passes a check, trying older ones)
+are ``gmflow_jax.recovery``'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import shutil
 import sys
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import fsspec
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
 
-from gmflow_jax.multihost import barrier, max_over_processes
+from gmflow_jax.multihost import barrier
+from gmflow_jax.recovery import (
+    CheckpointError,
+    IncompatibleCheckpointError,
+    newest_good,
+    with_retries,
+)
+from gmflow_jax.storage import describe, file_sizes, is_url, move, workdir_path, write_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST_DIR = "checkpoint_manifests"
@@ -69,25 +70,6 @@ DAMAGED_DIR = "damaged_checkpoints"
 
 SET_ASIDE_DIR = "replaced_runs"
 COMMIT_FILE = "commit_success.txt"  # orbax's mark of a committed step where it cannot rename (GCS)
-URL_SCHEMES = ("gs",)  # object stores that both epath (gcsfs) and orbax (TensorStore's gcs driver) write
-TRANSIENT_MARKERS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection reset", "Temporary failure", "timed out")
-RETRY_DELAYS_S = (1.0, 4.0, 16.0)  # back-off before each retry of a transient read error
-
-# gcsfs keeps folder listings for the life of the process, but TensorStore (orbax's arrays) and other
-# processes write without it: a kept listing would hide their new steps. So gs:// listings are not kept.
-fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
-
-
-class CheckpointError(RuntimeError):
-    """Checkpoints exist but none can be restored, or a requested checkpoint is missing or damaged."""
-
-
-class IncompatibleCheckpointError(CheckpointError):
-    """The checkpoint holds a different parameter tree than the config builds (nothing was changed)."""
-
-
-class TransientCheckpointError(CheckpointError):
-    """Reading failed with an I/O error that may pass, even after retries (nothing was changed)."""
 
 
 class _IteratorSnapshot:
@@ -98,141 +80,6 @@ class _IteratorSnapshot:
 
     def get_state(self) -> bytes:
         return self._state
-
-
-def workdir_path(path: str | os.PathLike) -> epath.Path:
-    """``path`` as an ``epath.Path``: a local path made absolute (``~`` expanded), ``file:///x`` as the local
-    ``/x``, ``gs://BUCKET/x`` as it is. ``ValueError`` naming any other URL, or a ``gs://`` path without a GCS
-    client (the ``[gcs]`` extra). Every command that reads or writes a user's path goes through here."""
-    text = os.fspath(path)
-    scheme, sep, rest = text.partition("://")
-    if not sep:
-        return epath.Path(os.path.abspath(os.path.expanduser(text)))
-    if scheme == "file":
-        url = urllib.parse.urlsplit(text)
-        if url.netloc not in ("", "localhost") or url.query or url.fragment:
-            raise ValueError(f"path {text!r} is not a local file URL; expected file:///ABSOLUTE/PATH.")
-        return epath.Path(os.path.abspath(urllib.parse.unquote(url.path)))
-    if scheme in URL_SCHEMES and rest.split("/")[0]:
-        if importlib.util.find_spec("gcsfs") is None and importlib.util.find_spec("tensorflow") is None:
-            raise ValueError(f"path {text!r} needs gcsfs: pip install 'gmflow_jax[gcs]' (or gcsfs)")
-        return epath.Path(text)
-    raise ValueError(f"path {text!r} is not supported; expected a local path, file:///... or gs://BUCKET/...")
-
-
-def is_url(path: str | os.PathLike) -> bool:
-    """Whether ``path`` (as ``workdir_path`` returns it) is on an object store, not the local filesystem."""
-    return "://" in os.fspath(path)
-
-
-def write_atomic(path: epath.Path, data: str | bytes) -> None:
-    """Writes ``path`` so that readers see the old file or the new one: locally through ``<path>.tmp<pid>`` (several
-    processes may write one file) and a replace; on an object store in one upload (all-or-nothing there)."""
-    tmp = path if is_url(path) else path.parent / f"{path.name}.tmp{os.getpid()}"
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    if tmp != path:
-        tmp.replace(path)
-
-
-def check_writable(folder: str | os.PathLike, what: str) -> epath.Path:
-    """``folder`` as ``workdir_path`` gives it, after a test write (that leaves nothing behind: folders it made
-    are removed again); ``ValueError`` naming ``what`` and the folder when it cannot be written (a missing
-    bucket, no permission), before any work."""
-    path = workdir_path(folder)
-    probe = path / f".write_test.{os.getpid()}"
-    made = None if is_url(path) else next((p for p in reversed([path, *path.parents]) if not p.exists()), None)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-        if made is not None:
-            made.rmtree()
-    except Exception as e:  # gcsfs and the OS raise many types
-        hint = ": does the bucket exist, and may this account write to it?" if is_url(path) else ""
-        raise ValueError(f"{what} {path} cannot be written ({describe(e)}){hint}") from None
-    return path
-
-
-def copy_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Copies one file between any two of local, ``file://`` and ``gs://`` (streamed), so that readers of ``dst``
-    see the old file or the new one (locally through ``<name>.tmp<pid>`` and a rename)."""
-    src, dst = workdir_path(src), workdir_path(dst)
-    tmp = dst if is_url(dst) else dst.parent / f"{dst.name}.tmp{os.getpid()}"
-    with src.open("rb") as r, tmp.open("wb") as w:
-        shutil.copyfileobj(r, w, 1 << 24)
-    if tmp != dst:
-        tmp.replace(dst)
-
-
-def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
-    """Writes an uncompressed ``.npz`` at a local, ``file://`` or ``gs://`` path so that readers see the old file or
-    the new one, streamed (a 50K × 256² sample file is 9.8 GB): locally through ``<stem>.tmp<pid>.npz`` and a
-    rename (several processes may write one folder); on an object store in one upload."""
-    path = workdir_path(path)
-    tmp = path if is_url(path) else path.parent / f"{path.stem}.tmp{os.getpid()}.npz"
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    if tmp != path:
-        tmp.replace(path)
-
-
-@contextlib.contextmanager
-def open_npz(path: str | os.PathLike) -> Iterator[Any]:
-    """``np.load`` of an ``.npz`` at a local, ``file://`` or ``gs://`` path (no pickles), as a context manager."""
-    with workdir_path(path).open("rb") as fh, np.load(fh, allow_pickle=False) as f:
-        yield f
-
-
-def move(src: epath.Path, dst: epath.Path) -> None:
-    """Moves a file or folder: a rename locally; on an object store (no rename, no folders) a copy of every
-    file, then the delete of ``src`` (not atomic: interrupted, both may hold part of the files)."""
-    if not is_url(src):
-        shutil.move(src, dst)
-    elif src.is_dir():
-        for rel in file_sizes(src):
-            (src / rel).copy(dst / rel, overwrite=True)
-        src.rmtree()
-    else:
-        src.copy(dst, overwrite=True)
-        src.unlink()
-
-
-def file_sizes(directory: str | os.PathLike) -> dict[str, int]:
-    """``{path relative to directory: size in bytes}`` of every file below ``directory``."""
-    top = workdir_path(directory)
-    base = os.fspath(top).split("://", 1)[-1]  # fsspec names the folders it walks without the scheme
-    out = {}
-    for root, _, files in top.walk():
-        for name in files:
-            rel = os.path.relpath(os.path.join(os.fspath(root), name), base)
-            out[rel] = file_size(top / rel)
-    return out
-
-
-def file_size(path: str | os.PathLike) -> int:
-    """The size of a file in bytes (local, ``file://`` or ``gs://``)."""
-    path = workdir_path(path)
-    # locally os.path: epath's stat also looks the owner up, which fails for a uid without a passwd entry
-    return path.stat().length if is_url(path) else os.path.getsize(path)
-
-
-def describe(e: BaseException, limit: int = 300) -> str:
-    """How a failure is reported, in one line: our own ``CheckpointError``'s message, else the type and
-    message of the innermost exception of the chain (orbax wraps storage errors, whose message says what
-    is wrong), its middle elided past ``limit`` characters (storage errors put the useful part last)."""
-    if not isinstance(e, CheckpointError):
-        for _ in range(8):
-            inner = e.__cause__ or e.__context__
-            if inner is None:
-                break
-            e = inner
-    first = (str(e).splitlines() or [""])[0]
-    if len(first) > limit:
-        first = f"{first[: limit // 3]} … {first[-(2 * limit) // 3 :]}"
-    return first if isinstance(e, CheckpointError) else f"{type(e).__name__}: {first}"
 
 
 def all_finite(tree: Any) -> bool:
@@ -513,76 +360,6 @@ def restore(directory: str | os.PathLike, step: int, target: dict[str, Any] | No
         return ckptr.restore(
             path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         )
-
-
-def newest_good(
-    steps: list[int],
-    attempt: Callable[[int], Any],
-    on_damaged: Callable[[int, str], None] | None = None,
-    *,
-    where: str,
-    all_processes: bool = False,
-) -> tuple[tuple[int, Any] | None, list[str]]:
-    """Tries ``attempt(step)`` from the newest step down; returns ``((step, value) or None, problems)``.
-
-    A step whose ``attempt`` raises is damaged: it is logged in one line, passed to
-    ``on_damaged(step, reason)`` and the previous step is tried. ``IncompatibleCheckpointError`` and
-    ``TransientCheckpointError`` are not damage: they stop the search at once. With ``all_processes``
-    every JAX process takes the same decision (the worst outcome of any process).
-    """
-    ok, damaged, stop = 0, 1, 2
-    problems = []
-    for step in reversed(steps):
-        value, problem, error, outcome = None, None, None, ok
-        try:
-            value = attempt(step)
-        except (IncompatibleCheckpointError, TransientCheckpointError) as e:
-            error, outcome = e, stop
-        except Exception as e:  # any other failure to read a step makes it damaged
-            problem, outcome = describe(e), damaged
-        if all_processes:
-            outcome = max_over_processes(outcome)
-        if outcome == stop:
-            raise error or CheckpointError(f"another process stopped restoring step {step} in {where}")
-        if outcome == ok:
-            return (step, value), problems
-        problem = problem or "another process could not restore it"
-        logging.warning("checkpoint step %d in %s is damaged (%s); trying the previous one", step, where, problem)
-        problems.append(f"step {step}: {problem}")
-        if on_damaged is not None:
-            on_damaged(step, problem)
-    return None, problems
-
-
-def is_transient(e: BaseException) -> bool:
-    """Whether ``e`` looks like an I/O error that may pass (network storage hiccups)."""
-    text = f"{e} {describe(e)}"
-    return isinstance(e, TimeoutError | ConnectionError) or any(m in text for m in TRANSIENT_MARKERS)
-
-
-def with_retries(fn: Callable[[int], Any], delays: tuple[float, ...] = RETRY_DELAYS_S) -> Callable[[int], Any]:
-    """``fn(step)``, retried after each of ``delays`` seconds while it fails transiently; then
-    ``TransientCheckpointError``. Other errors pass through at once."""
-
-    def run(step: int) -> Any:
-        for retry in range(len(delays) + 1):
-            try:
-                return fn(step)
-            except CheckpointError:
-                raise
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                if retry == len(delays):
-                    raise TransientCheckpointError(
-                        f"reading checkpoint step {step} failed {retry + 1} times ({describe(e)}); nothing was "
-                        "changed: retry when the storage is reachable."
-                    ) from e
-                logging.warning("reading checkpoint step %d: %s; retrying in %g s", step, describe(e), delays[retry])
-                time.sleep(delays[retry])
-        raise AssertionError("unreachable")
-
-    return run
 
 
 def _key(entry: Any) -> str:

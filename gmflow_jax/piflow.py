@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from gmflow_jax.flow import TAU_SCALE, diffuse, per_sample, to_tau, u_to_x0
 from gmflow_jax.gm import GM, as_float32, check_points, gm_mean
+from gmflow_jax.randomness import per_example
 from gmflow_jax.solvers import probabilistic_guidance
 
 Array = jax.Array
@@ -39,7 +40,7 @@ POLICY_EPS = 1e-6  # σ floor and d_k floor of the policy in training (the autho
 SAMPLE_EPS = 1e-4  # the same floors (and the temperature floor) when sampling (the authors' test_cfg eps)
 TIME_EPS = 1e-4  # segment-start clamp, final-step-scale floor, average-velocity denominator (train_cfg eps)
 
-# fold_in tags: one per-example key serves every draw of a training step without reuse
+# fold_in tags (gmflow_jax.randomness): one per-example key serves every draw of a training step without reuse
 _TAG_T, _TAG_NOISE, _TAG_DROPOUT, _TAG_GAPS = 0, 1, 2, 3
 
 
@@ -88,12 +89,6 @@ def _check_keys(keys) -> Array:
     return keys
 
 
-def _per_example(keys, tag: int | None, draw: Callable[[Array], Array]) -> Array:
-    """``draw(fold_in(key_i, tag))`` (``draw(key_i)`` for tag None) for every example's key, stacked:
-    the draw of example i depends on key_i only."""
-    return jax.vmap(lambda k: draw(k if tag is None else jax.random.fold_in(k, tag)))(_check_keys(keys))
-
-
 # --- GM operations on the policy ----------------------------------------------------------------------
 
 
@@ -111,7 +106,7 @@ def _dropout(keys, gm: GM, p, tag: int | None) -> GM:
     if jnp.shape(keys)[0] != n:
         raise ValueError(f"keys must hold one key per example, {n}; got {jnp.shape(keys)}.")
 
-    drop = _per_example(keys, tag, lambda key: jax.random.uniform(key, (k,), jnp.float32)) < p
+    drop = per_example(_check_keys(keys), tag=tag, draw=lambda key: jax.random.uniform(key, (k,), jnp.float32)) < p
     drop = drop & ~jnp.all(drop, axis=-1, keepdims=True)  # never all components of a sample
     drop = drop.reshape((n,) + (1,) * (gm.logweights.ndim - 2) + (k,))  # shared by the sample's pixels
     return gm._replace(logweights=jax.nn.log_softmax(jnp.where(drop, -jnp.inf, gm.logweights), axis=-1))
@@ -274,7 +269,7 @@ def sample_segment(keys, nfe: int, final_step_size_scale=1.0) -> tuple[Array, Ar
     _check_int("nfe", nfe)
     f = jnp.maximum(jnp.asarray(final_step_size_scale, jnp.float32), TIME_EPS)
     base = 1.0 / (nfe - 1.0 + f)
-    t = 1.0 - _per_example(keys, _TAG_T, lambda k: jax.random.uniform(k, (), jnp.float32))
+    t = 1.0 - per_example(_check_keys(keys), tag=_TAG_T, draw=lambda k: jax.random.uniform(k, (), jnp.float32))
     i = jnp.clip(jnp.ceil(jnp.maximum(t, TIME_EPS) / base + 1.0 - f), 1.0, float(nfe))
     t_src = jnp.clip((i - 1.0 + f) * base, TIME_EPS, 1.0)
     return t_src, jnp.where(i == 1.0, f * base, base)
@@ -284,7 +279,9 @@ def segment_start(keys, x0: Array, *, nfe: int, final_step_size_scale=1.0, shift
     """``sample_segment`` and ``x_src = (1 − σ_src) x0 + σ_src ε`` with ``ε`` drawn from each example's key."""
     x0 = jnp.asarray(x0, jnp.float32)
     t_src, length = sample_segment(keys, nfe, final_step_size_scale)
-    noise = _per_example(keys, _TAG_NOISE, lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))
+    noise = per_example(
+        _check_keys(keys), tag=_TAG_NOISE, draw=lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32)
+    )
     sigma = t_to_sigma(t_src, shift)
     return Segment(diffuse(x0, noise, sigma), t_src, sigma, length)
 
@@ -340,7 +337,9 @@ def piid_loss(
 
     window = jnp.minimum(window_substeps * segment / jnp.maximum(jnp.round(segment * steps), 1.0), segment)
     span = segment - window
-    uniforms = _per_example(keys, _TAG_GAPS, lambda k: jax.random.uniform(k, (2 * big_m - 1,), jnp.float32))
+    uniforms = per_example(
+        _check_keys(keys), tag=_TAG_GAPS, draw=lambda k: jax.random.uniform(k, (2 * big_m - 1,), jnp.float32)
+    )
     student = jnp.sort(uniforms[:, :big_m], axis=-1) * ((1.0 - r) * span)[:, None]
     gap_s = jnp.diff(student, axis=-1, prepend=0.0)  # (N, M)
     teacher = jnp.sort(uniforms[:, big_m:], axis=-1)

@@ -43,7 +43,7 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
     """Writes an (H, W, 3) uint8 image as PNG (atomically), to a local, ``file://`` or ``gs://`` path."""
     from PIL import Image
 
-    from gmflow_jax.checkpoint import workdir_path, write_atomic
+    from gmflow_jax.storage import workdir_path, write_atomic
 
     target = workdir_path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -128,17 +128,20 @@ def compile_parts(config: Any, devices: Sequence[Any]) -> list[Part]:
 def _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k) -> list[Part]:
     """The step's draws and the GM loss with its gradient with respect to the GM (and the SpectrumMLP)."""
     from gmflow_jax.losses import sample_t, spectral_loss, transition_nll, transition_pair
-    from gmflow_jax.train.step import drop_labels, example_keys, per_example
+    from gmflow_jax.randomness import example_keys, per_example
+    from gmflow_jax.train.step import drop_labels, one_at_a_time
 
     lcfg, mcfg = config.loss, config.model
 
     def draws(key, x0, labels):
         keys = jax.vmap(lambda kk: jax.random.split(kk, 3))(example_keys(key, jnp.arange(x0.shape[0])))
         dropped = per_example(
-            lambda kk, y: drop_labels(kk, y, mcfg.num_classes, lcfg.label_dropout), keys[:, 2], labels
+            keys[:, 2], one_at_a_time(lambda kk, y: drop_labels(kk, y, mcfg.num_classes, lcfg.label_dropout)), labels
         )
-        t = per_example(lambda kk: sample_t(kk, 1, mode=lcfg.t_mode, shift=lcfg.t_shift), keys[:, 0])
-        pair = per_example(lambda kk, xx, tt: transition_pair(kk, xx, tt, lcfg.trans_ratio), keys[:, 1], x0, t)
+        t = per_example(keys[:, 0], one_at_a_time(lambda kk: sample_t(kk, 1, mode=lcfg.t_mode, shift=lcfg.t_shift)))
+        pair = per_example(
+            keys[:, 1], one_at_a_time(lambda kk, xx, tt: transition_pair(kk, xx, tt, lcfg.trans_ratio)), x0, t
+        )
         return (*pair, t, to_tau(t), dropped)
 
     def forward(p, xx, tau, lab):
@@ -168,8 +171,8 @@ def _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k) -> list[Pa
 def _distill_parts(config, setup, teacher, x, vec, labels, key, k) -> list[Part]:
     """The segment draws, the teacher's forwards and the policy rollouts with the pi-ID loss."""
     from gmflow_jax import piflow
+    from gmflow_jax.randomness import example_keys
     from gmflow_jax.train.distill import teacher_velocity
-    from gmflow_jax.train.step import example_keys
 
     d = config.distill
 

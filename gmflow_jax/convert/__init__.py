@@ -44,6 +44,7 @@ from absl import logging
 from flax import nnx
 
 from gmflow_jax import checkpoint as ckpt_lib
+from gmflow_jax import storage
 from gmflow_jax.models.convert import (
     WEIGHTS,
     convert_gmdit_state_dict,
@@ -80,7 +81,7 @@ STEPS_IN_NAME = re.compile(r"_(\d+)steps?(?:_|$)")
 def find_parts(src: str) -> dict[str, str]:
     """``{'transformer'|'spectrum'|'vae': folder}`` recognised by their config fields (local, ``file://`` or
     ``gs://``)."""
-    root = ckpt_lib.workdir_path(src)
+    root = storage.workdir_path(src)
     if not root.is_dir():
         raise ValueError(f"--from {src!r} is not a folder; expected a published GMFlow pipeline folder.")
     parts: dict[str, str] = {}
@@ -141,8 +142,8 @@ def _copy_vae(vae: str, workdir: ckpt_lib.epath.Path) -> None:
     """Copies the VAE folder's config and weights into ``<workdir>/vae``."""
     dest = workdir / "vae"
     dest.mkdir(parents=True, exist_ok=True)
-    for path in (ckpt_lib.workdir_path(vae) / "config.json", ckpt_lib.workdir_path(weights_file(vae))):
-        ckpt_lib.copy_file(path, dest / path.name)
+    for path in (storage.workdir_path(vae) / "config.json", storage.workdir_path(weights_file(vae))):
+        storage.copy_file(path, dest / path.name)
 
 
 def _check_vae(vae: str) -> None:
@@ -175,7 +176,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, pure: dict, *
     and the config files; returns the step directory. The VAE folder, if any, must already be in place."""
     from gmflow_jax.train.config import write_config
 
-    workdir = ckpt_lib.workdir_path(workdir)
+    workdir = storage.workdir_path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     writer = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
     try:
@@ -197,7 +198,7 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None, vae: s
             raise ValueError(f"--vae {vae!r}: the pipeline {src} has its own VAE ({parts['vae']}); pass one of them.")
         _check_vae(vae)
         parts["vae"] = vae
-    out = ckpt_lib.workdir_path(workdir)
+    out = storage.workdir_path(workdir)
     _check_new(out)
     t_config, t_state = read_diffusers_folder(parts["transformer"])
     s_config, s_state = read_diffusers_folder(parts["spectrum"]) if "spectrum" in parts else (None, None)
@@ -208,7 +209,7 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None, vae: s
     if "vae" in parts:
         config.model.vae = "vae"
         _copy_vae(parts["vae"], out)
-    return write_workdir(workdir, config, pure, converted_from=str(ckpt_lib.workdir_path(src)))
+    return write_workdir(workdir, config, pure, converted_from=str(storage.workdir_path(src)))
 
 
 # --- the authors' pi-Flow students (GM-DiT V2) ------------------------------------------------------
@@ -217,7 +218,7 @@ def convert_pipeline(src: str, workdir: str, *, dtype: str | None = None, vae: s
 def is_model_folder(src: str) -> bool:
     """Whether ``src`` holds model weights itself (``diffusion_pytorch_model[.<variant>].safetensors``), as a
     pi-Flow student folder does, rather than a pipeline's sub-folders."""
-    root = ckpt_lib.workdir_path(src)
+    root = storage.workdir_path(src)
     return root.is_dir() and any(p.name.startswith(WEIGHTS) and p.name.endswith(".safetensors") for p in root.iterdir())
 
 
@@ -302,7 +303,7 @@ def convert_student(
     scale (``model.time_scale``); both default to what the folder name says (``_<N>step``; ``gmrepa``: 1,
     ``gmdit``: 1000), logged, and are required otherwise. ``vae``: a diffusers ``AutoencoderKL`` folder copied
     into the workdir (without one, samples stay latents)."""
-    name = ckpt_lib.workdir_path(src).name
+    name = storage.workdir_path(src).name
     steps = STEPS_IN_NAME.search(name)
     nfe = _from_name(src, nfe, "nfe", int(steps.group(1)) if steps else None, "the student's steps (distill.nfe)")
     if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe < 1:
@@ -313,7 +314,7 @@ def convert_student(
         raise ValueError(f"--time_scale must be > 0 (the network sees σ·time_scale); got {time_scale!r}.")
     if vae is not None:
         _check_vae(vae)
-    out = ckpt_lib.workdir_path(workdir)
+    out = storage.workdir_path(workdir)
     _check_new(out)
     state, metadata = read_weights(src)
     policy = json.loads(metadata.get("policy_config", "{}")).get("type", "GMFlow")
@@ -332,7 +333,7 @@ def convert_student(
         _copy_vae(vae, out)
     else:
         logging.warning("no --vae: %s's samples are latents (decode needs config.model.vae)", workdir)
-    return write_workdir(workdir, config, pure, converted_from=str(ckpt_lib.workdir_path(src)))
+    return write_workdir(workdir, config, pure, converted_from=str(storage.workdir_path(src)))
 
 
 def convert(src: str, workdir: str, *, nfe=None, time_scale=None, vae=None, dtype=None) -> str:

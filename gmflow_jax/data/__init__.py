@@ -1,17 +1,16 @@
 """Datasets (TFDS array_record builders) and the grain pipeline that turns them into global batches."""
 
 from gmflow_jax.data.builders import (
-    KNOWN_DATASETS,
     WHITE_SQUARES,
     checkerboard_cell,
     checkerboard_inside,
     checkerboard_sample,
     digits_arrays,
-    get_builder,
-    load_source,
 )
-from gmflow_jax.data.imagenet import ImagenetLatents, LatentSource
+from gmflow_jax.data.imagenet import ImagenetLatents
+from gmflow_jax.data.latent_source import LatentSource
 from gmflow_jax.data.pipeline import BatchIterator, batch_sharding, make_iterator, make_loader
+from gmflow_jax.data.sources import KNOWN_DATASETS, get_builder, load_source
 
 __all__ = [
     "KNOWN_DATASETS",

@@ -8,7 +8,7 @@ config and sha256 fingerprint, and the image counts.
 
 Per image (the published recipe): decode, convert to RGB (CMYK / grayscale JPEGs exist), ADM centre crop
 to S² (``center_crop``), horizontal flip iff ``flip_for(seed, index)``, ``2·img/255 − 1``, posterior
-sample × ``scaling_factor`` via ``vae.encode``. ``index`` is the image's position in the file list
+sample × ``scaling_factor`` via ``vae_apply.encode``. ``index`` is the image's position in the file list
 (synsets sorted, file names sorted within a synset), the same for a folder and a tar of tars. Files
 that do not decode are skipped (counted, logged). The VAE key of a batch is ``fold_in(key(seed),
 first index of the batch)`` with batches aligned to ``batch_size`` inside each shard, skipped files kept
@@ -36,146 +36,25 @@ import io
 import json
 import logging
 import os
-import re
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.proto import tf_example_pb2
 
-from gmflow_jax.checkpoint import is_url, workdir_path, write_atomic
-from gmflow_jax.data.builders import _LocalBuilder, _quiet, sync_folder
+from gmflow_jax.data.builders import _LocalBuilder, _quiet
+from gmflow_jax.data.images import ImageRef, flip_for, list_images, load_image
+from gmflow_jax.data.staging import sync_folder
+from gmflow_jax.storage import is_url, workdir_path, write_atomic
 
 NAME = "imagenet_latents"
 DATASET_VERSION = "1.0.0"
 CROP = "adm_center"
 BUILD_COMMAND = "python -m gmflow_jax.data.build_imagenet --source ILSVRC2012_img_train --data_dir DIR --vae VAE_DIR"
-SYNSET = re.compile(r"^n\d{8}$")
-SYNSET_TAR = re.compile(r"^(n\d{8})\.tar$")
 
 log = logging.getLogger(__name__)
-
-
-# --- the per-image recipe ----------------------------------------------------------------
-
-
-def center_crop(image: Any, size: int) -> np.ndarray:
-    """ADM (guided-diffusion) centre crop of a PIL RGB image: -> (size, size, 3) uint8.
-
-    Halve with BOX filtering while the short side is at least ``2·size``, resize with BICUBIC so that the
-    short side is ``size`` (the long side rounded), then cut the centre square (offsets rounded down).
-    """
-    from PIL import Image
-
-    while min(image.size) >= 2 * size:
-        image = image.resize((image.width // 2, image.height // 2), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top : top + size, left : left + size]
-
-
-def flip_for(seed: int, index: int) -> bool:
-    """Whether image ``index`` is flipped horizontally: a fixed function of (seed, index), half of them."""
-    return hashlib.sha256(f"{seed}:{index}".encode()).digest()[0] & 1 == 1
-
-
-def load_image(data: bytes, size: int, flip: bool) -> np.ndarray | None:
-    """Encoded image bytes -> (size, size, 3) uint8 (RGB, ADM crop, optional flip); None if it does not decode."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-        arr = center_crop(rgb, size)
-    except Exception:  # PIL raises many types for corrupt files (OSError, SyntaxError, ValueError, ...)
-        return None
-    return np.ascontiguousarray(arr[:, ::-1] if flip else arr)
-
-
-# --- the source: a folder of synset folders or (a folder of / a tar of) per-synset tars --------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ImageRef:
-    """One image file: its synset ``label``, ``name`` ('n01440764/x.JPEG') and bytes in ``path`` at ``offset``."""
-
-    label: int
-    name: str
-    path: str
-    offset: int = 0
-    size: int = -1  # -1: the whole file
-
-    def read(self) -> bytes:
-        with workdir_path(self.path).open("rb") as f:
-            f.seek(self.offset)
-            return f.read(self.size)
-
-
-def _tar_members(path: str, base: int, fileobj: Any = None) -> list[tuple[str, int, int]]:
-    """(basename, absolute data offset, size) of the regular files of a tar (at byte ``base`` of ``path``)."""
-    with tarfile.open(path if fileobj is None else None, mode="r:", fileobj=fileobj) as tar:
-        return [
-            (os.path.basename(m.name), base + m.offset_data, m.size)
-            for m in tar
-            if m.isfile() and not os.path.basename(m.name).startswith(".")
-        ]
-
-
-def list_images(source: str | os.PathLike) -> tuple[list[str], list[ImageRef]]:
-    """Sorted synsets and the images of an ImageNet train set, in dataset order (synset, then file name).
-
-    ``source``: the ``ILSVRC2012_img_train`` folder of synset folders (``n01440764/*.JPEG``), a folder of
-    per-synset tars (``n01440764.tar``) or the official ``ILSVRC2012_img_train.tar`` (a tar of those); local,
-    ``file://`` or ``gs://`` (read in place: tars by their members' offsets). ``ValueError`` if it does not
-    exist or holds neither.
-    """
-    root = workdir_path(source)
-    path = str(root)
-    tars: dict[str, list[tuple[str, int, int]]] = {}
-    files: dict[str, list[str]] = {}
-    if root.is_file():
-        with root.open("rb") as f:
-            if not tarfile.is_tarfile(f):
-                raise ValueError(
-                    f"--source {path} is a file but not a tar; expected ILSVRC2012_img_train.tar or a folder."
-                )
-            f.seek(0)
-            with tarfile.open(fileobj=f, mode="r:") as outer:
-                for m in outer:
-                    match = SYNSET_TAR.match(os.path.basename(m.name))
-                    if m.isfile() and match:
-                        tars[match.group(1)] = _tar_members(path, m.offset_data, outer.extractfile(m))
-    elif root.is_dir():
-        for entry in sorted(root.iterdir(), key=lambda e: e.name):
-            if SYNSET.match(entry.name) and entry.is_dir():
-                files[entry.name] = sorted(p.name for p in entry.iterdir() if not p.name.startswith("."))
-            elif SYNSET_TAR.match(entry.name) and entry.is_file():
-                with entry.open("rb") as f:
-                    tars[entry.name[:-4]] = _tar_members(str(entry), 0, f)
-    else:
-        raise ValueError(f"--source {path} does not exist; expected the ImageNet train folder or tar.")
-    if files and tars:
-        raise ValueError(f"--source {path} holds both synset folders and synset tars; expected one kind.")
-    if not files and not tars:
-        raise ValueError(
-            f"--source {path} holds no synset folders (n01440764/) or tars (n01440764.tar); expected an ImageNet "
-            "train set (ILSVRC2012_img_train)."
-        )
-    synsets = sorted(files or tars)
-    refs: list[ImageRef] = []
-    for label, synset in enumerate(synsets):
-        if files:
-            refs += [ImageRef(label, f"{synset}/{n}", str(root / synset / n)) for n in files[synset]]
-        else:
-            container = path if not files and root.is_file() else str(root / f"{synset}.tar")
-            refs += [ImageRef(label, f"{synset}/{n}", container, o, s) for n, o, s in sorted(tars[synset])]
-    return synsets, refs
 
 
 # --- the VAE --------------------------------------------------------------------------------
@@ -431,7 +310,7 @@ def encode_shard(plan: BuildPlan, shard: int, vae: Any, pool: concurrent.futures
     """The records of one shard: images decoded and cropped on ``pool``, encoded in aligned batches."""
     import jax
 
-    from gmflow_jax.models import vae as vae_lib
+    from gmflow_jax.models import vae_apply
 
     start, stop = shard * plan.shard_size, min((shard + 1) * plan.shard_size, len(plan.refs))
     size = plan.image_size
@@ -464,7 +343,7 @@ def encode_shard(plan: BuildPlan, shard: int, vae: Any, pool: concurrent.futures
         x = np.zeros((plan.batch_size, size, size, 3), np.uint8)  # fixed shape: one compilation
         for k in kept:
             x[k] = images[k]
-        latents = np.asarray(vae_lib.encode(vae, x, jax.random.fold_in(base_key, batch.start)))
+        latents = np.asarray(vae_apply.encode(vae, x, jax.random.fold_in(base_key, batch.start)))
         rec = np.zeros(len(kept), plan.record_dtype())
         rec["index"] = [batch[k] for k in kept]
         rec["label"] = [plan.refs[batch[k]].label for k in kept]
@@ -608,126 +487,3 @@ def build(plan: BuildPlan, *, num_threads: int | None = None, on_shard: Callable
         log.info("%s built in %s", NAME, path)
     barrier("imagenet_latents_assembled")
     return path
-
-
-class LatentSource(Sequence):
-    """A TFDS data source of ``imagenet_latents`` read as ``{'image': latent, 'label'}`` + ``metadata``.
-
-    Records with the builder's features (``latent`` a float32 tensor stored as a float list, ``label``
-    an int64) are parsed straight from the array_record bytes (``_plain_latent_shape``): the values
-    TFDS's generic decode gives (``latent`` float32 ``(S/f, S/f, C)``, ``label`` an int) at a fraction
-    of its per-record cost; any other source is decoded by TFDS.
-    """
-
-    def __init__(self, source: Any, metadata: dict[str, Any]):
-        self.source = source
-        self.metadata = metadata
-        self._shape = _plain_latent_shape(source)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if self._shape is not None:
-            return self._parse(self.source.data_source[index])
-        record = self.source[index]
-        return {"image": record["latent"], "label": record["label"]}
-
-    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        if self._shape is not None:  # record by record: array_record's own batch read starts threads per call
-            raw = self.source.data_source
-            return [self._parse(raw[i]) for i in indices]
-        return [{"image": r["latent"], "label": r["label"]} for r in self.source.__getitems__(indices)]
-
-    def _parse(self, data: bytes) -> dict[str, Any]:
-        """A serialized ``tf.train.Example`` -> ``{'image': (S/f, S/f, C) float32, 'label': int}``."""
-        feature = tf_example_pb2.Example.FromString(data).features.feature
-        latent = np.array(feature["latent"].float_list.value, dtype=np.float32).reshape(self._shape)
-        return {"image": latent, "label": feature["label"].int64_list.value[0]}
-
-    def __repr__(self) -> str:  # grain validates a restored iterator against repr(source)
-        return f"LatentSource({self.source!r})"
-
-
-def _plain_latent_shape(source: Any) -> tuple[int, ...] | None:
-    """The latent shape if ``source`` is a TFDS array_record source of the builder's plain features, else None."""
-    info = getattr(source, "dataset_info", None)
-    if (
-        info is None
-        or not hasattr(source, "data_source")
-        or getattr(source, "decoders", None) is not None
-        or getattr(getattr(source, "deserialize_method", None), "name", None) != "DESERIALIZE_AND_DECODE"
-    ):
-        return None
-    serialized = info.features.get_serialized_info()
-    if set(serialized) != {"latent", "label"}:
-        return None
-    latent, label = serialized["latent"], serialized["label"]
-    shape = tuple(latent.shape)
-    plain = (
-        np.dtype(latent.np_dtype) == np.float32
-        and np.dtype(label.np_dtype) == np.int64
-        and tuple(label.shape) == ()
-        and all(isinstance(d, int) for d in shape)
-        and tuple(info.features["latent"].shape) == shape
-        and not getattr(latent, "sequence_rank", 0)
-        and not getattr(label, "sequence_rank", 0)
-    )
-    return shape if plain else None
-
-
-# --- synthetic inputs (tests, benches) ------------------------------------------------------
-
-
-def write_synthetic_imagenet(
-    folder: str | os.PathLike,
-    num_synsets: int = 3,
-    per_class: int = 6,
-    seed: int = 0,
-    sizes: tuple[int, int] = (20, 400),
-) -> str:
-    """A tiny ImageNet-shaped train folder of random JPEGs (height, width drawn from ``sizes``); returns it.
-
-    Synset 0 holds a CMYK JPEG, synset 1 a grayscale one and synset 2 (if any) a corrupt file
-    (``n*_corrupt.JPEG``: a cut-off JPEG), as the real ImageNet does.
-    """
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for s in range(num_synsets):
-        synset = f"n{1440764 + 1000 * s:08d}"
-        os.makedirs(os.path.join(folder, synset), exist_ok=True)
-        for i in range(per_class):
-            h, w = (int(v) for v in rng.integers(*sizes, size=2))
-            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            if i == 0 and s == 0:
-                image = image.convert("CMYK")
-            elif i == 0 and s == 1:
-                image = image.convert("L")
-            image.save(os.path.join(folder, synset, f"{synset}_{i}.JPEG"), format="JPEG", quality=90)
-        if s == 2:
-            buf = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG")
-            with open(os.path.join(folder, synset, f"{synset}_corrupt.JPEG"), "wb") as f:
-                f.write(buf.getvalue()[:300])
-    return os.fspath(folder)
-
-
-def write_random_vae(folder: str | os.PathLike, seed: int = 0, **config: Any) -> str:
-    """Saves a diffusers ``AutoencoderKL`` with random weights (``torch.manual_seed(seed)``) to ``folder``.
-
-    ``config``: ``VAEConfig`` fields overriding its defaults (sd-vae-ft-ema's architecture). Needs torch and
-    diffusers (the test extras).
-    """
-    import torch
-    from diffusers import AutoencoderKL
-
-    from gmflow_jax.models.vae import VAEConfig
-
-    kwargs = dict(dataclasses.asdict(VAEConfig(**config)))
-    n = len(kwargs["block_out_channels"])
-    torch.manual_seed(seed)
-    AutoencoderKL(
-        **kwargs, down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n
-    ).save_pretrained(os.fspath(folder))
-    return os.fspath(folder)

@@ -306,7 +306,7 @@ def make_iterator(
     if isinstance(source, str):
         if data_dir is None:
             raise ValueError(f"dataset {source!r} given by name needs a data_dir")
-        from gmflow_jax.data.builders import load_source
+        from gmflow_jax.data.sources import load_source
 
         source = load_source(source, data_dir)
     if process_index is None:

@@ -12,7 +12,7 @@ import os
 import jax
 from absl import app, flags
 
-from gmflow_jax import checkpoint, cli, solvers
+from gmflow_jax import checkpoint, cli, solvers, storage
 from gmflow_jax.evaluate import plots, scoring
 from gmflow_jax.evaluate.sampling import Setting, evaluate_samples, read_metrics, write_metrics
 from gmflow_jax.multihost import barrier
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
     if solver in solvers.SOLVERS:  # checked before anything is loaded; 'piflow' is checked against the model
         steps = 8 if setting.num_steps is None else setting.num_steps
         solvers.check_settings(solver, setting.order, steps, setting.num_substeps, guidance)
-    checkpoint.check_writable(FLAGS.out, "--out")
+    storage.check_writable(FLAGS.out, "--out")
     cli.initialize_multihost()
     sampler = Sampler.from_checkpoint(FLAGS.workdir)
     setting = setting.resolve(sampler)
@@ -97,7 +97,7 @@ def main(argv: list[str]) -> None:
         row.update(feature_network=net.name, reference=ref.path)
     path = write_metrics(FLAGS.out, rows)
     every = read_metrics(FLAGS.out)
-    plots.write_csv(every, checkpoint.workdir_path(FLAGS.out) / "metrics.csv")
+    plots.write_csv(every, storage.workdir_path(FLAGS.out) / "metrics.csv")
     pictures = plots.plot_sweep(every, FLAGS.out)
     if net is not None:
         print(plots.table(every), flush=True)

@@ -21,8 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from gmflow_jax.checkpoint import open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate.metrics import hsv_saturation
+from gmflow_jax.storage import open_npz, workdir_path, write_npz
 
 
 class FeatureNetwork(Protocol):
@@ -139,3 +139,18 @@ def cached_features(
     out = dict(net(x), saturation=np.float64(hsv_saturation(x)), count=np.int64(len(x)))
     write_npz(path, feature_network=np.array(net.name), **out)
     return out
+
+
+def feature_network(inception: str | None, preprocessing: str, batch_size: int) -> FeatureNetwork | None:
+    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for images with
+    preprocessing 'digits'; else None (samples only)."""
+    if inception:
+        from gmflow_jax.evaluate.features import ShardedNetwork
+        from gmflow_jax.evaluate.inception import InceptionV3
+
+        return ShardedNetwork(InceptionV3.from_pytorch_fid(inception), batch_size)
+    if preprocessing == "digits":
+        from gmflow_jax.evaluate.digits_net import load_digits_net
+
+        return load_digits_net()
+    return None

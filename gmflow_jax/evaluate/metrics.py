@@ -22,7 +22,7 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 
-from gmflow_jax.checkpoint import open_npz, write_npz
+from gmflow_jax.storage import open_npz, write_npz
 
 __all__ = [
     "AdmReference",

@@ -8,8 +8,8 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-from gmflow_jax.checkpoint import workdir_path, write_atomic
 from gmflow_jax.evaluate.scoring import METRIC_KEYS
+from gmflow_jax.storage import workdir_path, write_atomic
 
 CSV_KEYS = ("solver", "order", "num_steps", "num_substeps", "guidance", "num_samples", "network_evals_per_sample")
 

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from gmflow_jax.checkpoint import file_size, open_npz, workdir_path, write_npz
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, check_resolution, features_of_batches, npz_array_batches
+from gmflow_jax.storage import file_size, open_npz, workdir_path, write_npz
 
 ADM_MIN_SAMPLES = 50_000
 INCEPTION_FAMILY = "inception-v3-fid"  # ADM's batches were made with the TF graph whose weights pytorch-fid ports
@@ -209,7 +209,7 @@ def image_source(images: str, resolution: int) -> tuple[tuple[int, ...], Iterato
     def batches() -> Iterator[np.ndarray]:
         from PIL import Image
 
-        from gmflow_jax.data.imagenet import center_crop
+        from gmflow_jax.data.images import center_crop
 
         for i in range(0, len(files), 500):
             out = []
@@ -224,7 +224,7 @@ def image_source(images: str, resolution: int) -> tuple[tuple[int, ...], Iterato
 def main(argv: list[str]) -> None:
     from absl import app, flags
 
-    from gmflow_jax.evaluate.scoring import feature_network
+    from gmflow_jax.evaluate.features import feature_network
 
     f = flags.FLAGS
     if len(argv) > 1:

@@ -18,7 +18,7 @@ For one solver setting and a list of guidance values it writes one folder per gu
   of hosts or devices.
 * Resumable: every chunk is written (atomically) to ``<out>/<setting>/chunks/`` as soon as it is
   drawn; a rerun skips the chunks that exist and assembles the same ``samples.npz``.
-* ``out`` is a local, ``file://`` or ``gs://`` path (``checkpoint.workdir_path``): on a pod, whose hosts share no
+* ``out`` is a local, ``file://`` or ``gs://`` path (``storage.workdir_path``): on a pod, whose hosts share no
   disk, every process writes its chunks into the one bucket folder and process 0 assembles them from there.
 """
 
@@ -35,9 +35,9 @@ import numpy as np
 from etils import epath
 
 from gmflow_jax import solvers
-from gmflow_jax.checkpoint import open_npz, workdir_path, write_atomic, write_npz
 from gmflow_jax.multihost import barrier
 from gmflow_jax.sampling import NOISE_KEY, PIFLOW, Sampler
+from gmflow_jax.storage import open_npz, workdir_path, write_atomic, write_npz
 from gmflow_jax.viz import save_grid_png
 
 GRID_CLASSES, GRID_PER_CLASS = 8, 8

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from gmflow_jax.checkpoint import open_npz, workdir_path
 from gmflow_jax.evaluate import metrics
-from gmflow_jax.evaluate.features import FeatureNetwork, cached_features
+from gmflow_jax.evaluate.features import FeatureNetwork, cached_features, feature_network
 from gmflow_jax.evaluate.reference import Reference
+from gmflow_jax.storage import open_npz, workdir_path
 
 METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
 
@@ -81,21 +81,6 @@ def samples_preprocessing(config: Any) -> str:
     centre crops), 'digits', or the dataset's name."""
     dataset = str(config.data.dataset)
     return {"imagenet_latents": "adm"}.get(dataset, dataset)
-
-
-def feature_network(inception: str | None, preprocessing: str, batch_size: int) -> FeatureNetwork | None:
-    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for images with
-    preprocessing 'digits'; else None (samples only)."""
-    if inception:
-        from gmflow_jax.evaluate.features import ShardedNetwork
-        from gmflow_jax.evaluate.inception import InceptionV3
-
-        return ShardedNetwork(InceptionV3.from_pytorch_fid(inception), batch_size)
-    if preprocessing == "digits":
-        from gmflow_jax.evaluate.digits_net import load_digits_net
-
-        return load_digits_net()
-    return None
 
 
 def reference_for(ref: str | None, net: FeatureNetwork, config: Any, out: str) -> Reference:

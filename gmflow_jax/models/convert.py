@@ -28,9 +28,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from gmflow_jax.checkpoint import copy_file, is_url, workdir_path
 from gmflow_jax.models.gmdit import GMDiT
 from gmflow_jax.models.spectrum import SpectrumMLP
+from gmflow_jax.storage import copy_file, is_url, workdir_path
 
 WEIGHTS = "diffusion_pytorch_model"
 

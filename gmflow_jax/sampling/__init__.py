@@ -46,106 +46,15 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import piflow, solvers
-from gmflow_jax.models.factory import build_model, data_shape, split_params
+from gmflow_jax import recovery, solvers, storage
+from gmflow_jax.models.factory import data_shape
 from gmflow_jax.sampling import labels as labels_lib
+from gmflow_jax.sampling.function import PIFLOW, SOLVERS, sample_fn
+from gmflow_jax.sampling.loading import SamplingCheckpointError, distill_settings, load_step
+
+__all__ = ["NOISE_KEY", "PIFLOW", "SOLVERS", "SOLVER_KEY", "Sampler", "SamplingCheckpointError", "sample_fn"]
 
 NOISE_KEY, SOLVER_KEY = 0, 1  # fold_in offsets of the user's key
-PIFLOW = "piflow"  # a pi-Flow student's own N-step policy sampler (piflow.piflow_sample)
-SOLVERS = (*solvers.SOLVERS, PIFLOW)
-# config.distill's sampling fields and their values where a config predates the section
-DISTILL_DEFAULTS = {"nfe": 0, "total_substeps": 128, "temperature": 1.0, "final_step_size_scale": 1.0, "shift": 1.0}
-
-
-class SamplingCheckpointError(ckpt_lib.CheckpointError, ValueError):
-    """The path holds no usable checkpoint (missing, or the requested step is damaged)."""
-
-
-def _load_step(directory: str, step: int, which: str, sharding: NamedSharding) -> tuple[Any, ...]:
-    """``(graphdef, params, config)`` of one step; ``which`` is 'ema' or 'params'. Raises on any problem."""
-    problem = ckpt_lib.verify_step(directory, step)
-    if problem is not None:
-        raise SamplingCheckpointError(problem)
-    config = ml_collections.ConfigDict(ckpt_lib.read_meta(directory, step)["config"])
-    graphdef, abstract = split_params(nnx.eval_shape(lambda: build_model(config.model, nnx.Rngs(0), remat=False)))
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), nnx.to_pure_dict(abstract)
-    )
-    params = ckpt_lib.restore(directory, step, {which: abstract})[which]
-    if not ckpt_lib.all_finite(params):
-        raise SamplingCheckpointError(f"non-finite {which} weights")
-    return graphdef, params, config
-
-
-def distill_settings(config: Any) -> dict[str, Any]:
-    """The pi-Flow sampling fields of ``config.distill`` (``DISTILL_DEFAULTS`` for any it lacks: a run whose
-    config predates the section is not a student)."""
-    d = config.get("distill", None) or {}
-    return {k: type(v)(d.get(k, v)) for k, v in DISTILL_DEFAULTS.items()}
-
-
-def sample_fn(graphdef: nnx.GraphDef, data_shape: tuple[int, ...], null_label: int | None, static: tuple) -> Callable:
-    """The (unjitted) sampler of one static configuration
-    ``(solver, order, num_steps, num_substeps, guided, sweep, use_spectrum)``:
-    ``(params, k_noise, k_solver, index (N,), labels (N,) | None, guidance () | (G,), orthogonal, shift,
-    noise=None, temperature=1.0, final_step_size_scale=1.0) -> x0``.
-
-    Sample ``i`` starts from ``noise[i]`` when ``noise`` (N, *data_shape) is given, else from
-    ``normal(fold_in(k_noise, index[i]))``. For ``solver='piflow'`` (a pi-Flow student) ``num_substeps``
-    is the policy's ``total_substeps``, ``order``, ``guided``, ``sweep`` and ``use_spectrum`` are unused
-    and ``guidance``, ``orthogonal`` and ``k_solver`` ignored (the sampler is deterministic);
-    ``temperature`` and ``final_step_size_scale`` are used by it only.
-    """
-    solver, order, num_steps, num_substeps, guided, sweep, use_spectrum = static
-
-    def start(k_noise, index, noise):
-        if noise is not None:
-            return noise
-        draw = lambda i: jax.random.normal(jax.random.fold_in(k_noise, i), data_shape, jnp.float32)  # noqa: E731
-        return jax.vmap(draw)(index)
-
-    if solver == PIFLOW:
-
-        def run_student(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None, *policy):
-            temperature, final_step_size_scale = policy if policy else (1.0, 1.0)
-            return piflow.piflow_sample(
-                nnx.merge(graphdef, params).net,
-                start(k_noise, index, noise),
-                labels,
-                num_steps=num_steps,
-                total_substeps=num_substeps,
-                temperature=temperature,
-                shift=shift,
-                final_step_size_scale=final_step_size_scale,
-            )
-
-        return run_student
-
-    def run(params, k_noise, k_solver, index, labels, guidance, orthogonal, shift, noise=None, *_policy):
-        model = nnx.merge(graphdef, params)
-        noise = start(k_noise, index, noise)
-        spectrum_fn = model.spectrum if use_spectrum else None
-
-        def one(w: jax.Array) -> jax.Array:
-            return solvers.sample(
-                model.net,
-                noise,
-                labels,
-                key=k_solver,
-                solver=solver,
-                order=order,
-                num_steps=num_steps,
-                num_substeps=num_substeps,
-                guidance=w if guided else 0.0,
-                orthogonal=orthogonal,
-                null_label=null_label,
-                shift=shift,
-                spectrum_fn=spectrum_fn,
-            )
-
-        return jax.vmap(one)(guidance) if sweep else one(guidance)
-
-    return run
 
 
 # --- the sampler ------------------------------------------------------------------------
@@ -219,9 +128,9 @@ class Sampler:
             raise SamplingCheckpointError(f"checkpoint step {step} not found in {directory}; it has {steps}.")
         sharding = NamedSharding(_sample_mesh(), P())
         which = "ema" if use_ema else "params"
-        found, problems = ckpt_lib.newest_good(
+        found, problems = recovery.newest_good(
             [step] if step is not None else steps,
-            ckpt_lib.with_retries(lambda s: _load_step(directory, s, which, sharding)),
+            recovery.with_retries(lambda s: load_step(directory, s, which, sharding)),
             where=path,
         )
         if found is None:
@@ -229,7 +138,7 @@ class Sampler:
         s, (graphdef, params, config) = found
         if problems:
             logging.warning("sampling from the previous good checkpoint, step %d", s)
-        root = ckpt_lib.workdir_path(directory)
+        root = storage.workdir_path(directory)
         return cls(graphdef, params, config, step=s, path=str(root / str(s)), workdir=str(root.parent))
 
     # --- helpers ------------------------------------------------------------------------
@@ -256,9 +165,9 @@ class Sampler:
             raise ValueError(
                 f"latents must have shape (N, {', '.join(map(str, self.data_shape))}); got {latents.shape}."
             )
-        from gmflow_jax.models import vae as vae_lib
+        from gmflow_jax.models import vae_apply
 
-        return vae_lib.decode(self.vae, latents)
+        return vae_apply.decode(self.vae, latents)
 
     @property
     def vae(self) -> Any:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from gmflow_jax import checkpoint, cli
+from gmflow_jax import checkpoint, cli, storage
 from gmflow_jax.sampling import PIFLOW, SOLVERS, Sampler
 from gmflow_jax.viz import save_grid_png
 
@@ -54,8 +54,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--workdir and --out are required.")
     if not FLAGS.out.endswith(".npz"):
         raise ValueError(f"--out must end in .npz; got {FLAGS.out!r}.")
-    out = checkpoint.workdir_path(FLAGS.out)  # local, file:// or gs://; refused before sampling
-    checkpoint.check_writable(out.parent, "--out's folder")
+    out = storage.workdir_path(FLAGS.out)  # local, file:// or gs://; refused before sampling
+    storage.check_writable(out.parent, "--out's folder")
     try:
         guidance_values = [float(v) for v in FLAGS.guidance]
     except ValueError as e:
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {name: FLAGS[name].value for name in ("order", "substeps", "orthogonal")}
     settings.update(setting, steps=setting["num_steps"])
-    checkpoint.write_npz(
+    storage.write_npz(
         out,
         samples=x,
         labels=np.asarray([] if labels is None else labels, np.int32),

@@ -52,7 +52,6 @@ file starts from ``base_config()`` and changes values. Fields:
 from __future__ import annotations
 
 import difflib
-import importlib
 import importlib.util
 import json
 import os
@@ -62,8 +61,9 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from gmflow_jax.checkpoint import config_changes, workdir_path, write_atomic
+from gmflow_jax.checkpoint import config_changes
 from gmflow_jax.models.factory import MODEL_KINDS, check_remat_policy
+from gmflow_jax.storage import workdir_path, write_atomic
 
 CONFIG_PACKAGE = "gmflow_jax.configs"
 

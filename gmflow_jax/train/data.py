@@ -20,8 +20,8 @@ import ml_collections
 import numpy as np
 
 from gmflow_jax.data import BatchIterator, make_iterator, make_loader
-from gmflow_jax.data.builders import local_data_dir
 from gmflow_jax.data.device import DeviceBatches, load_arrays
+from gmflow_jax.data.staging import local_data_dir
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import primary_first
 from gmflow_jax.sharding import batch_spec_sharding

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gmflow_jax import checkpoint as ckpt_lib
-from gmflow_jax import piflow
+from gmflow_jax import piflow, recovery, storage
 from gmflow_jax.flow import TAU_SCALE, to_tau
 from gmflow_jax.gm import gm_mean
 from gmflow_jax.models.factory import build_model, data_shape, split_params
@@ -125,7 +125,7 @@ def _read_teacher(path: str) -> tuple[str, int, ml_collections.ConfigDict]:
             raise ckpt_lib.CheckpointError(problem)
         return ml_collections.ConfigDict(ckpt_lib.read_meta(directory, step)["config"])
 
-    found, problems = ckpt_lib.newest_good(steps, attempt, where=where)
+    found, problems = recovery.newest_good(steps, attempt, where=where)
     if found is None:
         raise TeacherError(f"{where}: no usable checkpoint ({'; '.join(problems)}).")
     step, tconfig = found
@@ -187,7 +187,7 @@ def load_teacher(teacher: TeacherSetup) -> Any:
         params = ckpt_lib.restore(teacher.directory, teacher.step, {"ema": teacher.abstract})["ema"]
     except Exception as e:  # noqa: BLE001 - one line naming the teacher
         raise TeacherError(
-            f"config.distill.teacher={teacher.path!r}: could not load step {teacher.step} ({ckpt_lib.describe(e)})."
+            f"config.distill.teacher={teacher.path!r}: could not load step {teacher.step} ({storage.describe(e)})."
         ) from e
     logging.info(
         "teacher: %s step %d (%s)", teacher.path, teacher.step, "flow matching" if teacher.flow_matching else "GMFlow"

@@ -36,7 +36,7 @@ import uuid
 
 from absl import logging
 
-from gmflow_jax.checkpoint import describe, is_url, workdir_path, write_atomic
+from gmflow_jax.storage import describe, is_url, workdir_path, write_atomic
 
 LOCK_FILE = "trainer.lock"
 SETTLE_S = 2.0  # object stores: wait this long after writing the lock before reading it back

@@ -31,6 +31,7 @@ from absl import logging
 from etils import epath
 
 from gmflow_jax import checkpoint as ckpt_lib
+from gmflow_jax import storage
 from gmflow_jax.data import load_source
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.multihost import agree, barrier, primary_first
@@ -127,7 +128,7 @@ def train(
     validate_config(config)
     mesh = make_mesh(config.mesh)
     check_devices(config)
-    workdir = ckpt_lib.workdir_path(workdir)  # local, file:// or gs://
+    workdir = storage.workdir_path(workdir)  # local, file:// or gs://
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir {workdir} is a file; expected a directory (it is created if missing).")
     data_dir = resolve_data_dir(config.data.data_dir)

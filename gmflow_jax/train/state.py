@@ -77,6 +77,29 @@ def decay_mask(params: Params) -> Params:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def frozen_mask(params: Params) -> Params:
+    """True for every parameter whose exact gradient is zero: the attention key projection's bias (softmax over
+    the keys ignores a constant added to every key's score). Its float32 gradient is rounding noise, which
+    AdamW would turn into steps of ±lr: it is left out of the update and keeps its initial (or converted) value."""
+
+    def one(path: tuple, _: Any) -> bool:
+        names = [getattr(p, "key", getattr(p, "name", None)) for p in path[-3:]]
+        return names == ["attn", "key", "bias"]
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def without_frozen(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``tx`` fed zero gradients for the ``frozen_mask`` parameters (so their moments and updates stay 0);
+    the optimizer state keeps ``tx``'s structure."""
+
+    def update(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+        updates = jax.tree.map(lambda u, frozen: jnp.zeros_like(u) if frozen else u, updates, frozen_mask(updates))
+        return tx.update(updates, state, params)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def lr_schedule(ocfg: Any) -> optax.Schedule:
     """Linear warm-up from ``warmup_init_factor × lr``, then constant, or (``decay_steps > 0``) cosine
     decay to ``final_lr_factor × lr`` over the ``decay_steps`` steps after the warm-up."""
@@ -92,7 +115,7 @@ def lr_schedule(ocfg: Any) -> optax.Schedule:
 
 
 def make_optimizer(ocfg: Any) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
-    """AdamW on ``lr_schedule(ocfg)``, clipping from ``clip_start``."""
+    """AdamW on ``lr_schedule(ocfg)``, clipping from ``clip_start``; the ``frozen_mask`` parameters stay put."""
     schedule = lr_schedule(ocfg)
     parts = []
     if ocfg.clip_norm > 0:
@@ -100,7 +123,7 @@ def make_optimizer(ocfg: Any) -> tuple[optax.GradientTransformation, Callable[[A
     parts.append(
         optax.adamw(schedule, b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay, mask=decay_mask)
     )
-    return optax.chain(*parts), schedule
+    return without_frozen(optax.chain(*parts)), schedule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,10 @@
 
 Randomness comes only from ``fold_in(state.rng, state.step)``, so the step is a deterministic
 function of its inputs and a resumed run repeats an uninterrupted one exactly. Every draw of the loss
-is made per example, from that key folded with the example's index in the global batch: the step
-computes the same thing however the batch is laid over devices or split into the
-``config.grad_accum_steps`` micro-batches whose gradients it accumulates (up to float32 summation order).
+is made per example, from that key folded with the example's index in the global batch
+(``gmflow_jax.randomness``): the step computes the same thing however the batch is laid over devices
+or split into the ``config.grad_accum_steps`` micro-batches whose gradients it accumulates (up to
+float32 summation order).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from gmflow_jax.flow import diffuse, to_tau
 from gmflow_jax.losses import l2_flow_loss, sample_t, spectral_loss, transition_nll, transition_pair
 from gmflow_jax.models.factory import data_shape
+from gmflow_jax.randomness import example_keys, per_example
 from gmflow_jax.sharding import MESH_AXES, batch_spec_sharding, replicated
 from gmflow_jax.train import distill
 from gmflow_jax.train.state import Params, StateSetup, TrainState, ema_beta_for, ema_update
@@ -37,19 +39,14 @@ def drop_labels(key: jax.Array, labels: jax.Array, num_classes: int, p: float) -
     return jnp.where(jax.random.uniform(key, labels.shape) < p, num_classes, labels).astype(labels.dtype)
 
 
-def example_keys(key: jax.Array, index: jax.Array) -> jax.Array:
-    """One key per example: ``fold_in(key, index[i])`` for the examples' global indices (N,) -> (N, ...)."""
-    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, index)
-
-
-def per_example(draw: Callable[..., Any], keys: jax.Array, *batch: jax.Array) -> Any:
-    """``draw(key, *rows)`` run on each example alone (a batch of one) with its own key; the outputs
-    stacked back to (N, ...). The batch functions of ``losses`` then draw per example."""
+def one_at_a_time(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """``draw`` (a batch function of ``losses``) run on one example as a batch of one: ``(key, *rows)`` ->
+    its outputs without the batch axis. So the batch functions draw per example."""
 
     def one(key, *rows):
         return jax.tree.map(lambda y: y[0], draw(key, *(r[None] for r in rows)))
 
-    return jax.vmap(one)(keys, *batch)
+    return one
 
 
 def loss_fn(
@@ -78,17 +75,20 @@ def loss_fn(
     keys = jax.vmap(lambda k: jax.random.split(k, 3))(example_keys(key, index))
     k_t, k_x, k_label = keys[:, 0], keys[:, 1], keys[:, 2]
     labels = per_example(
-        lambda k, y: drop_labels(k, y, mcfg.num_classes, lcfg.label_dropout), k_label, batch["label"].astype(jnp.int32)
+        k_label,
+        one_at_a_time(lambda k, y: drop_labels(k, y, mcfg.num_classes, lcfg.label_dropout)),
+        batch["label"].astype(jnp.int32),
     )
-    t = per_example(lambda k: sample_t(k, 1, mode=lcfg.t_mode, shift=lcfg.t_shift), k_t)
+    t = per_example(k_t, one_at_a_time(lambda k: sample_t(k, 1, mode=lcfg.t_mode, shift=lcfg.t_shift)))
     terms: dict[str, jax.Array] = {}
     if lcfg.objective == "l2":
-        eps = per_example(lambda k, x: jax.random.normal(k, x.shape, jnp.float32), k_x, x0)
+        eps = per_example(k_x, one_at_a_time(lambda k, x: jax.random.normal(k, x.shape, jnp.float32)), x0)
         x_t = diffuse(x0, eps, t)
         gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_l2"] = lcfg.weight * jnp.mean(l2_flow_loss(gm_u.means[..., 0, :], eps - x0))
     else:
-        x_t, x_lo, t_lo = per_example(lambda k, x, tt: transition_pair(k, x, tt, lcfg.trans_ratio), k_x, x0, t)
+        pair = one_at_a_time(lambda k, x, tt: transition_pair(k, x, tt, lcfg.trans_ratio))
+        x_t, x_lo, t_lo = per_example(k_x, pair, x0, t)
         gm_u = model.net(x_t, to_tau(t), labels)
         terms["loss_trans"] = lcfg.weight * jnp.mean(transition_nll(gm_u, x_t, t, x_lo, t_lo))
         if model.spectrum is not None and lcfg.spectral_weight > 0:

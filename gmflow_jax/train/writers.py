@@ -53,7 +53,7 @@ def _tensorboardx_writer_class(base: type) -> type:
         def __init__(self, logdir: str, may_flush: Callable[[], bool] = lambda: True):
             from tensorboardX import SummaryWriter, record_writer
 
-            from gmflow_jax.checkpoint import URL_SCHEMES
+            from gmflow_jax.storage import URL_SCHEMES
 
             for scheme in URL_SCHEMES:
                 record_writer.register_writer_factory(scheme, _ObjectStoreEvents(may_flush))

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from train_helpers import checkpoint_steps, error_line, run, train_cmd, two_processes
 
-from gmflow_jax.data import imagenet
+from gmflow_jax.data import synthetic
 from gmflow_jax.models.vae import VAEConfig
 
 TINY_VAE = dict(
@@ -33,8 +33,8 @@ def build_cmd(source, data_dir, vae, *flags: str) -> list[str]:
 
 def test_build_then_train(tmp_path):
     # 3 synsets × 6 JPEGs of varied sizes (one CMYK, one grayscale) + one corrupt file
-    src = imagenet.write_synthetic_imagenet(tmp_path / "ILSVRC2012_img_train")
-    vae = imagenet.write_random_vae(tmp_path / "vae", **TINY_VAE)
+    src = synthetic.write_synthetic_imagenet(tmp_path / "ILSVRC2012_img_train")
+    vae = synthetic.write_random_vae(tmp_path / "vae", **TINY_VAE)
     data = tmp_path / "data"
 
     result = run(build_cmd(src, data, vae, "--shard_size=8", "--batch_size=4"), timeout=300)
@@ -70,7 +70,7 @@ def test_build_then_train(tmp_path):
 
 
 def test_command_line_errors(tmp_path):
-    src = imagenet.write_synthetic_imagenet(tmp_path / "src", num_synsets=1, per_class=1)
+    src = synthetic.write_synthetic_imagenet(tmp_path / "src", num_synsets=1, per_class=1)
     no_weights = tmp_path / "vae_without_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps(VAEConfig().to_dict()))

@@ -25,7 +25,8 @@ from etils import epath
 from train_helpers import ROOT, check_run, child_env, run, two_processes, wait_for
 
 from gmflow_jax import checkpoint as ckpt
-from gmflow_jax.data import imagenet
+from gmflow_jax import storage
+from gmflow_jax.data import synthetic
 
 TINY_VAE = dict(
     block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32
@@ -100,10 +101,10 @@ def test_pod_job_preempted_without_grace_resumes_on_new_vms_then_evaluates_into_
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))  # each host's local copy of the dataset
     bucket = gcs_emulator
     data, vae, workdir = f"{bucket}/data", f"{bucket}/vae", f"{bucket}/runs/{tmp_path.name}"
-    src = imagenet.write_synthetic_imagenet(tmp_path / "src")
-    vae_local = imagenet.write_random_vae(tmp_path / "vae", **TINY_VAE)
+    src = synthetic.write_synthetic_imagenet(tmp_path / "src")
+    vae_local = synthetic.write_random_vae(tmp_path / "vae", **TINY_VAE)
     for name in os.listdir(vae_local):
-        ckpt.copy_file(os.path.join(vae_local, name), f"{vae}/{name}")
+        storage.copy_file(os.path.join(vae_local, name), f"{vae}/{name}")
     build = [sys.executable, "-m", "gmflow_jax.data.build_imagenet", f"--source={src}", f"--data_dir={data}"]
     result = run([*build, f"--vae={vae}", "--image_size=32", "--shard_size=8", "--batch_size=4"], timeout=300)
     assert result.returncode == 0, result.stdout[-3000:]
@@ -153,13 +154,13 @@ def test_pod_job_preempted_without_grace_resumes_on_new_vms_then_evaluates_into_
     assert result.returncode == 0, result.stdout[-3000:]
     for name in ("gm-ode2_2x1_w0", "gm-ode2_2x1_w0.5"):
         with (
-            ckpt.open_npz(f"{out}/{name}/samples.npz") as pod,
+            storage.open_npz(f"{out}/{name}/samples.npz") as pod,
             np.load(tmp_path / "eval" / name / "samples.npz") as one,
         ):
             assert pod["arr_0"].shape == (24, 32, 32, 3)
             np.testing.assert_array_equal(pod["arr_0"], one["arr_0"])
             np.testing.assert_array_equal(pod["labels"], one["labels"])
         assert epath.Path(f"{out}/{name}/grid.png").exists()
-    assert len(ckpt.file_sizes(f"{out}/gm-ode2_2x1_w0/chunks")) == 3  # the chunks of both processes, in one folder
+    assert len(storage.file_sizes(f"{out}/gm-ode2_2x1_w0/chunks")) == 3  # the chunks of both processes, in one folder
     assert epath.Path(f"{out}/metrics.json").exists()
     print(f"rehearsal: {time.monotonic() - t_start:.0f} s in all; restart to done {resumed_after:.0f} s")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, read_meta, restore, verify_step, workdir_path
+from gmflow_jax.checkpoint import CHECKPOINT_DIR, list_steps, read_meta, restore, verify_step
+from gmflow_jax.fake_gcs import free_port
+from gmflow_jax.storage import workdir_path
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -124,12 +125,6 @@ def flat(tree) -> dict[str, np.ndarray]:
     import jax
 
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def two_processes(cmd_for, tmp_path: Path, tag: str, devices: int = 1, timeout: float = 400) -> list[str]:

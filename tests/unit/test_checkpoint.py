@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gmflow_jax import checkpoint as ckpt
+from gmflow_jax import recovery, storage
 
 
 def state(step: int) -> dict:
@@ -97,10 +98,10 @@ def test_newest_good_falls_back_and_reports(workdir):
             raise OSError("disk says no\nsecond line")
         return f"state {step}"
 
-    found, problems = ckpt.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append((s, why)), where=workdir)
+    found, problems = recovery.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append((s, why)), where=workdir)
     assert found == (2, "state 2") and damaged == [(3, "OSError: disk says no")]
     assert problems == ["step 3: OSError: disk says no"]
-    found, problems = ckpt.newest_good([3], attempt, where=workdir)
+    found, problems = recovery.newest_good([3], attempt, where=workdir)
     assert found is None and len(problems) == 1
 
 
@@ -111,7 +112,7 @@ def test_incompatible_and_transient_stop_the_search_without_damage(workdir):
         raise ckpt.IncompatibleCheckpointError(f"step {step} does not fit")
 
     with pytest.raises(ckpt.IncompatibleCheckpointError, match="step 3 does not fit"):
-        ckpt.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append(s), where=workdir)
+        recovery.newest_good([1, 2, 3], attempt, lambda s, why: damaged.append(s), where=workdir)
     assert damaged == []
 
 
@@ -124,13 +125,13 @@ def test_with_retries_retries_transient_errors_only():
             raise TimeoutError("storage timed out")
         return "ok"
 
-    assert ckpt.with_retries(flaky, delays=(0.0, 0.0, 0.0))(7) == "ok" and calls == [7, 7, 7]
+    assert recovery.with_retries(flaky, delays=(0.0, 0.0, 0.0))(7) == "ok" and calls == [7, 7, 7]
 
     def down(step: int) -> str:
         raise ValueError("UNAVAILABLE: the bucket is unreachable")
 
-    with pytest.raises(ckpt.TransientCheckpointError, match="failed 3 times .*UNAVAILABLE.*nothing was changed"):
-        ckpt.with_retries(down, delays=(0.0, 0.0))(7)
+    with pytest.raises(recovery.TransientCheckpointError, match="failed 3 times .*UNAVAILABLE.*nothing was changed"):
+        recovery.with_retries(down, delays=(0.0, 0.0))(7)
     calls.clear()
 
     def broken(step: int) -> str:
@@ -138,7 +139,7 @@ def test_with_retries_retries_transient_errors_only():
         raise ValueError("FAILED_PRECONDITION: ZSTD_decompressStream() failed")
 
     with pytest.raises(ValueError, match="ZSTD"):
-        ckpt.with_retries(broken, delays=(0.0, 0.0))(7)
+        recovery.with_retries(broken, delays=(0.0, 0.0))(7)
     assert calls == [7]  # damage is not retried
 
 
@@ -162,7 +163,7 @@ def test_describe_reports_the_root_cause_in_one_line():
         except ValueError as inner:
             raise Exception("Encountered error while reading array index\nSee full details") from inner
     except Exception as e:
-        line = ckpt.describe(e)
+        line = storage.describe(e)
     assert line.startswith("ValueError: FAILED_PRECONDITION") and line.endswith("ZSTD_decompressStream() failed")
     assert " … " in line and "\n" not in line and len(line) < 330
 

@@ -146,7 +146,7 @@ def test_decode_through_the_published_vae(tmp_path, torch_dit):
     torch = pytest.importorskip("torch")
     from diffusers import AutoencoderKL
 
-    from gmflow_jax.data.imagenet import write_random_vae
+    from gmflow_jax.data.synthetic import write_random_vae
 
     write_pipeline(tmp_path / "published", torch_dit)
     vae_config = dict(block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)

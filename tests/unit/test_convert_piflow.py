@@ -166,7 +166,7 @@ def test_student_errors_are_one_line(tmp_path, tiny_student):
 
 
 def test_command_line(tmp_path, tiny_student):
-    from gmflow_jax.data.imagenet import write_random_vae
+    from gmflow_jax.data.synthetic import write_random_vae
 
     export_student(tiny_student, tmp_path / "student")
     write_random_vae(tmp_path / "sd-vae", seed=1, block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8)

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from gmflow_jax.data import imagenet, load_source
+from gmflow_jax.data import imagenet, images, load_source, synthetic
 
 TINY_VAE = dict(
     block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32
@@ -48,32 +48,32 @@ def jpeg(array: np.ndarray, mode: str | None = None) -> bytes:
 )
 def test_center_crop_matches_reference(shape, size):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8))
-    out = imagenet.center_crop(image, size)
+    out = images.center_crop(image, size)
     assert out.shape == (size, size, 3) and out.dtype == np.uint8
     np.testing.assert_array_equal(out, reference_crop(image, size))
 
 
 def test_flip_is_a_fixed_function_of_seed_and_index():
-    flips = [imagenet.flip_for(0, i) for i in range(2000)]
-    assert flips == [imagenet.flip_for(0, i) for i in range(2000)]
+    flips = [images.flip_for(0, i) for i in range(2000)]
+    assert flips == [images.flip_for(0, i) for i in range(2000)]
     assert 900 < sum(flips) < 1100
-    assert flips != [imagenet.flip_for(1, i) for i in range(2000)]
+    assert flips != [images.flip_for(1, i) for i in range(2000)]
     data = jpeg(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
-    np.testing.assert_array_equal(imagenet.load_image(data, 16, True), imagenet.load_image(data, 16, False)[:, ::-1])
+    np.testing.assert_array_equal(images.load_image(data, 16, True), images.load_image(data, 16, False)[:, ::-1])
 
 
 def test_cmyk_grayscale_and_corrupt_files():
     rgb = np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     for mode in ("CMYK", "L"):
         data = jpeg(rgb, mode)
-        out = imagenet.load_image(data, 16, False)
+        out = images.load_image(data, 16, False)
         expected = reference_crop(Image.open(io.BytesIO(data)).convert("RGB"), 16)
         assert out.shape == (16, 16, 3) and out.dtype == np.uint8
         np.testing.assert_array_equal(out, expected)
-    gray = imagenet.load_image(jpeg(rgb, "L"), 16, False)
+    gray = images.load_image(jpeg(rgb, "L"), 16, False)
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     for bad in (jpeg(rgb)[:200], b"", b"not an image"):
-        assert imagenet.load_image(bad, 16, False) is None
+        assert images.load_image(bad, 16, False) is None
 
 
 def test_synset_order_and_source_errors(tmp_path):
@@ -83,7 +83,7 @@ def test_synset_order_and_source_errors(tmp_path):
             (tmp_path / synset / name).write_bytes(b"x")
     (tmp_path / "README").write_text("not a synset")
     (tmp_path / "n123").mkdir()  # not a synset name
-    synsets, refs = imagenet.list_images(tmp_path)
+    synsets, refs = images.list_images(tmp_path)
     assert synsets == ["n00000002", "n01000000", "n09999999"]
     assert [(r.label, r.name) for r in refs[:3]] == [
         (0, "n00000002/a.JPEG"),
@@ -92,19 +92,19 @@ def test_synset_order_and_source_errors(tmp_path):
     ]
     assert len(refs) == 6
     with pytest.raises(ValueError, match="does not exist"):
-        imagenet.list_images(tmp_path / "missing")
+        images.list_images(tmp_path / "missing")
     with pytest.raises(ValueError, match="no synset folders"):
-        imagenet.list_images(tmp_path / "n123")
+        images.list_images(tmp_path / "n123")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(ValueError, match="not a tar"):
-        imagenet.list_images(tmp_path / "file.txt")
+        images.list_images(tmp_path / "file.txt")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A synthetic ImageNet (folder and tar of tars), two VAEs and an uninterrupted reference build."""
     root = tmp_path_factory.mktemp("imagenet")
-    src = imagenet.write_synthetic_imagenet(root / "src")
+    src = synthetic.write_synthetic_imagenet(root / "src")
     tars = root / "tars"
     tars.mkdir()
     for synset in sorted(os.listdir(src)):
@@ -114,9 +114,9 @@ def world(tmp_path_factory):
     with tarfile.open(root / "ILSVRC2012_img_train.tar", "w") as t:
         for name in sorted(os.listdir(tars)):
             t.add(tars / name, arcname=name)
-    vae = imagenet.write_random_vae(root / "vae", **TINY_VAE)
-    other_weights = imagenet.write_random_vae(root / "vae_seed1", seed=1, **TINY_VAE)
-    other_config = imagenet.write_random_vae(root / "vae_wide", **{**TINY_VAE, "block_out_channels": (8, 16, 32)})
+    vae = synthetic.write_random_vae(root / "vae", **TINY_VAE)
+    other_weights = synthetic.write_random_vae(root / "vae_seed1", seed=1, **TINY_VAE)
+    other_config = synthetic.write_random_vae(root / "vae_wide", **{**TINY_VAE, "block_out_channels": (8, 16, 32)})
     ref = imagenet.build(imagenet.make_plan(src, root / "ref", vae, **BUILD))
     return dict(root=root, src=src, vae=vae, other_weights=other_weights, other_config=other_config, ref=ref)
 
@@ -146,20 +146,21 @@ def test_latents_are_the_recipe(world):
     import jax
 
     from gmflow_jax.models import vae as vae_lib
+    from gmflow_jax.models import vae_apply
 
     source = load_source("imagenet_latents", world["root"] / "ref")
-    _, refs = imagenet.list_images(world["src"])
+    _, refs = images.list_images(world["src"])
     x = np.zeros((4, 32, 32, 3), np.uint8)
-    x[0] = imagenet.load_image(refs[0].read(), 32, imagenet.flip_for(0, 0))
+    x[0] = images.load_image(refs[0].read(), 32, images.flip_for(0, 0))
     vae = vae_lib.load_vae(world["vae"])
-    z = np.asarray(vae_lib.encode(vae, x, jax.random.fold_in(jax.random.key(0), 0)))[0]
+    z = np.asarray(vae_apply.encode(vae, x, jax.random.fold_in(jax.random.key(0), 0)))[0]
     np.testing.assert_array_equal(source[0]["image"], z)
     assert 0.01 < z.std() < 10
 
 
 def test_tar_of_tars_gives_the_same_dataset(world, tmp_path):
-    folder = imagenet.list_images(world["src"])
-    tar = imagenet.list_images(world["root"] / "ILSVRC2012_img_train.tar")
+    folder = images.list_images(world["src"])
+    tar = images.list_images(world["root"] / "ILSVRC2012_img_train.tar")
     assert folder[0] == tar[0] and [r.name for r in folder[1]] == [r.name for r in tar[1]]
     assert [r.read() for r in folder[1]] == [r.read() for r in tar[1]]
     built = imagenet.build(

@@ -48,7 +48,7 @@ def _random_params(config: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, dic
 def student(tmp_path_factory):
     """A tiny student workdir (one block, K = 4, latents 8×8×4 with a random 3-level VAE): its path and EMA params."""
     pytest.importorskip("diffusers")
-    from gmflow_jax.data.imagenet import write_random_vae
+    from gmflow_jax.data.synthetic import write_random_vae
 
     workdir = tmp_path_factory.mktemp("student")
     config = _student_config()
@@ -153,8 +153,8 @@ def test_decode(sampler):
 
 
 def test_command_line_and_evaluation(student, sampler, tmp_path):
-    from gmflow_jax.checkpoint import open_npz
     from gmflow_jax.evaluate.sampling import Setting, evaluate_samples
+    from gmflow_jax.storage import open_npz
 
     workdir = str(student[0])
     out = tmp_path / "s.npz"

@@ -17,7 +17,7 @@ from gmflow_jax import checkpoint
 from gmflow_jax.models.factory import data_shape
 from gmflow_jax.sharding import make_mesh
 from gmflow_jax.train.config import load_config
-from gmflow_jax.train.state import init_state, setup_state
+from gmflow_jax.train.state import frozen_mask, init_state, setup_state
 from gmflow_jax.train.step import drop_labels, make_train_step, micro_batches
 
 
@@ -86,7 +86,25 @@ def test_grad_accumulation_equals_one_step_at_the_whole_batch():
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(final[1][0].params), strict=True)
     )
     assert moved > 10 * config.optim.lr  # ten AdamW steps at lr 2e-4 moved the weights
-    assert_trees_close(final[1], final[4], rtol=1e-3)
+    assert_trees_close(final[1], final[4], rtol=1e-3)  # every leaf, the attention key bias included
+    for k in (1, 4):  # its exact gradient is 0: left out of the update, it keeps its initial value
+        key_bias = final[k][0].params["net"]["blocks"][0]["attn"]["key"]["bias"]
+        np.testing.assert_array_equal(key_bias, state.params["net"]["blocks"][0]["attn"]["key"]["bias"])
+
+
+def test_the_optimizer_leaves_only_the_attention_key_bias_out():
+    config = load_config("digits_gmdit:tiny")
+    config.optim.warmup_steps = 0  # full learning rate at step 0: every other update is non-zero
+    setup = setup_state(config, make_mesh((-1, 1)))
+    frozen = [
+        jax.tree_util.keystr(p) for p, f in jax.tree_util.tree_leaves_with_path(frozen_mask(setup.abstract.params)) if f
+    ]
+    assert frozen == ["['net']['blocks'][0]['attn']['key']['bias']"]
+    params = jax.tree.map(jnp.ones_like, init_state(setup, seed=0).params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = setup.tx.update(grads, setup.tx.init(params), params)
+    flat = {jax.tree_util.keystr(p): np.asarray(u) for p, u in jax.tree_util.tree_leaves_with_path(updates)}
+    assert np.all(flat[frozen[0]] == 0) and all(np.all(u != 0) for name, u in flat.items() if name != frozen[0])
 
 
 def test_one_device_and_eight_devices_make_the_same_steps():

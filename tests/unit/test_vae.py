@@ -22,14 +22,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from gmflow_jax.models.vae import (  # noqa: E402
-    AutoencoderKL,
-    VAEConfig,
-    convert_vae_state_dict,
-    decode,
-    encode,
-    load_vae,
-)
+from gmflow_jax.models.vae import AutoencoderKL, VAEConfig, convert_vae_state_dict, load_vae  # noqa: E402
+from gmflow_jax.models.vae_apply import decode, encode  # noqa: E402
 
 CONFIG = VAEConfig(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, sample_size=32)
 RTOL = 1e-4
@@ -214,7 +208,8 @@ def test_two_local_devices_odd_batch():
         """
         import jax, numpy as np
         from flax import nnx
-        from gmflow_jax.models.vae import AutoencoderKL, VAEConfig, decode, encode
+        from gmflow_jax.models.vae import AutoencoderKL, VAEConfig
+        from gmflow_jax.models.vae_apply import decode, encode
         assert jax.local_device_count() == 2
         vae = AutoencoderKL(VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4),
                             rngs=nnx.Rngs(0))

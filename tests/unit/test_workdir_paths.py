@@ -23,6 +23,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
 from gmflow_jax import checkpoint as ckpt
+from gmflow_jax import storage
 from gmflow_jax.train import lock as lock_lib
 from gmflow_jax.train import writers
 from gmflow_jax.train.config import write_config
@@ -46,14 +47,14 @@ def save_steps(workdir: str, steps: tuple[int, ...]) -> None:
 
 def test_workdir_path_forms(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert ckpt.workdir_path("runs/a") == epath.Path(tmp_path / "runs" / "a")
-    assert ckpt.workdir_path("~/x") == epath.Path(os.path.expanduser("~/x"))
-    assert ckpt.workdir_path("file:///tmp/a%20b/c") == epath.Path("/tmp/a b/c")
-    assert ckpt.workdir_path("file://localhost/tmp/x") == epath.Path("/tmp/x")
-    gs = ckpt.workdir_path("gs://bucket/run")
+    assert storage.workdir_path("runs/a") == epath.Path(tmp_path / "runs" / "a")
+    assert storage.workdir_path("~/x") == epath.Path(os.path.expanduser("~/x"))
+    assert storage.workdir_path("file:///tmp/a%20b/c") == epath.Path("/tmp/a b/c")
+    assert storage.workdir_path("file://localhost/tmp/x") == epath.Path("/tmp/x")
+    gs = storage.workdir_path("gs://bucket/run")
     assert str(gs) == "gs://bucket/run" and str(gs / "checkpoints") == "gs://bucket/run/checkpoints"
-    assert ckpt.is_url(gs) and not ckpt.is_url(ckpt.workdir_path("file:///tmp/x"))
-    assert ckpt.workdir_path(gs) == gs  # idempotent
+    assert storage.is_url(gs) and not storage.is_url(storage.workdir_path("file:///tmp/x"))
+    assert storage.workdir_path(gs) == gs  # idempotent
 
 
 @pytest.mark.parametrize(
@@ -67,7 +68,7 @@ def test_workdir_path_forms(tmp_path, monkeypatch):
 )
 def test_workdir_path_refuses_other_urls_naming_them(bad, message):
     with pytest.raises(ValueError, match=f"{bad!r} {message}"):
-        ckpt.workdir_path(bad)
+        storage.workdir_path(bad)
 
 
 # --- a file:// workdir -------------------------------------------------------------------------------
@@ -143,7 +144,7 @@ def gcs():
 
 def upload(local: str, url: str, skip: tuple[str, ...] = ()) -> None:
     """Copies the files of a local folder below ``url``."""
-    for rel in ckpt.file_sizes(local):
+    for rel in storage.file_sizes(local):
         if not rel.startswith(skip):
             epath.Path(f"{url}/{rel}").write_bytes(epath.Path(local, rel).read_bytes())
 
@@ -161,15 +162,15 @@ def test_checkpoints_on_an_object_store(gcs, tmp_path):
     assert ckpt.once_held_checkpoints(gcs) and not ckpt.once_held_checkpoints(f"{gcs}/elsewhere")
     assert ckpt.verify_step(directory, 2) is None
     assert ckpt.read_meta(directory, 2)["config"] == {"model": {"depth": 2}}
-    sizes = ckpt.file_sizes(f"{directory}/2")
-    assert sizes == ckpt.file_sizes(tmp_path / "checkpoints" / "2")
+    sizes = storage.file_sizes(f"{directory}/2")
+    assert sizes == storage.file_sizes(tmp_path / "checkpoints" / "2")
     rel = max(sizes, key=sizes.get)
     epath.Path(f"{directory}/2/{rel}").write_bytes(b"0123456789")
     assert ckpt.verify_step(directory, 2) == f"file {rel} has 10 bytes, expected {sizes[rel]}"
-    everything = ckpt.file_sizes(gcs)
+    everything = storage.file_sizes(gcs)
     moved = ckpt.set_aside(gcs, keep=("config.json",))
     assert moved.startswith(f"{gcs}/{ckpt.SET_ASIDE_DIR}/")
-    assert ckpt.file_sizes(moved) == {k: v for k, v in everything.items() if k != "config.json"}  # all moved
+    assert storage.file_sizes(moved) == {k: v for k, v in everything.items() if k != "config.json"}  # all moved
     assert sorted(p.name for p in epath.Path(gcs).iterdir()) == ["config.json", ckpt.SET_ASIDE_DIR]
     assert ckpt.list_steps(f"{moved}/checkpoints") == [1, 2] and ckpt.list_steps(directory) == []
 
@@ -255,52 +256,56 @@ def test_object_store_event_file_goes_on_in_a_new_file_past_the_part_size(gcs, m
 
 
 def test_gs_path_without_a_gcs_client_is_one_line(monkeypatch):
-    monkeypatch.setattr(ckpt.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(storage.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ValueError, match=r"'gs://pod/eval' needs gcsfs: pip install 'gmflow_jax\[gcs\]'"):
-        ckpt.workdir_path("gs://pod/eval")
+        storage.workdir_path("gs://pod/eval")
 
 
 def test_npz_files_and_copies_on_an_object_store(gcs, tmp_path):
     from gmflow_jax.evaluate.features import npz_array_batches
 
     images = np.random.default_rng(0).integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
-    ckpt.write_npz(f"{gcs}/a.npz", arr_0=images, labels=np.arange(10))
-    with ckpt.open_npz(f"{gcs}/a.npz") as f:
+    storage.write_npz(f"{gcs}/a.npz", arr_0=images, labels=np.arange(10))
+    with storage.open_npz(f"{gcs}/a.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], images)
         np.testing.assert_array_equal(f["labels"], np.arange(10))
     shape, batches = npz_array_batches(f"{gcs}/a.npz", batch=4)
     assert shape == images.shape and np.array_equal(np.concatenate(list(batches)), images)
-    ckpt.copy_file(f"{gcs}/a.npz", tmp_path / "a.npz")  # object store -> disk, and back
-    ckpt.copy_file(tmp_path / "a.npz", f"{gcs}/b.npz")
-    assert ckpt.file_size(f"{gcs}/b.npz") == ckpt.file_size(tmp_path / "a.npz") == (tmp_path / "a.npz").stat().st_size
+    storage.copy_file(f"{gcs}/a.npz", tmp_path / "a.npz")  # object store -> disk, and back
+    storage.copy_file(tmp_path / "a.npz", f"{gcs}/b.npz")
+    assert (
+        storage.file_size(f"{gcs}/b.npz")
+        == storage.file_size(tmp_path / "a.npz")
+        == (tmp_path / "a.npz").stat().st_size
+    )
     assert np.load(tmp_path / "a.npz")["arr_0"].tobytes() == images.tobytes()
-    ckpt.write_npz(tmp_path / "c.npz", x=np.ones(3))
+    storage.write_npz(tmp_path / "c.npz", x=np.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "c.npz"]  # no temporary file left
 
 
 def test_dataset_copies_complete_files_and_its_info_last(gcs, tmp_path, monkeypatch):
-    from gmflow_jax.data import builders
+    from gmflow_jax.data import staging
 
     for name, size in (("dataset_info.json", 3), ("features.json", 5), ("x.array_record-00000-of-00002", 40)):
         epath.Path(f"{gcs}/data/ds/1.0.0/{name}").write_bytes(b"z" * size)
     epath.Path(f"{gcs}/data/ds/1.0.0/x.array_record-00001-of-00002").write_bytes(b"y" * 7)
     order = []
-    copy = ckpt.copy_file
-    monkeypatch.setattr(builders, "copy_file", lambda s, d: (order.append(epath.Path(s).name), copy(s, d)))
+    copy = storage.copy_file
+    monkeypatch.setattr(staging, "copy_file", lambda s, d: (order.append(epath.Path(s).name), copy(s, d)))
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
-    local = builders.stage("ds", f"{gcs}/data")
+    local = staging.stage("ds", f"{gcs}/data")
     assert local == str(tmp_path / "cache" / "datasets" / "bucket" / "run" / "data")
     assert order[-1] == "dataset_info.json" and len(order) == 4  # a copy cut short is no dataset
-    copied = {k: v for k, v in ckpt.file_sizes(f"{local}/ds").items() if k != builders.SYNC_MANIFEST}
-    assert copied == ckpt.file_sizes(f"{gcs}/data/ds")
+    copied = {k: v for k, v in storage.file_sizes(f"{local}/ds").items() if k != staging.SYNC_MANIFEST}
+    assert copied == storage.file_sizes(f"{gcs}/data/ds")
     (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/features.json").write_bytes(b"zz")  # cut short
     order.clear()
-    builders.stage("ds", f"{gcs}/data")
+    staging.stage("ds", f"{gcs}/data")
     assert order == ["features.json"]  # a rerun copies only what is missing or differs
     time.sleep(1.1)  # object stores give times in seconds
     epath.Path(f"{gcs}/data/ds/1.0.0/dataset_info.json").write_bytes(b"new")  # rebuilt: same size, new content
     order.clear()
-    builders.stage("ds", f"{gcs}/data")
+    staging.stage("ds", f"{gcs}/data")
     assert order == ["dataset_info.json"]
     assert (tmp_path / "cache/datasets/bucket/run/data/ds/1.0.0/dataset_info.json").read_bytes() == b"new"
 
@@ -326,19 +331,19 @@ def test_evaluation_metrics_and_plots_on_an_object_store(gcs):
 def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
     import tarfile
 
-    from gmflow_jax.data import builders, imagenet
+    from gmflow_jax.data import imagenet, images, staging, synthetic
     from gmflow_jax.models.convert import read_diffusers_folder
 
-    src = imagenet.write_synthetic_imagenet(tmp_path / "src", num_synsets=2, per_class=2)
-    builders.sync_folder(src, f"{gcs}/src", last=())
-    local, remote = imagenet.list_images(src), imagenet.list_images(f"{gcs}/src")
+    src = synthetic.write_synthetic_imagenet(tmp_path / "src", num_synsets=2, per_class=2)
+    staging.sync_folder(src, f"{gcs}/src", last=())
+    local, remote = images.list_images(src), images.list_images(f"{gcs}/src")
     assert local[0] == remote[0] and [r.name for r in local[1]] == [r.name for r in remote[1]]
     assert [r.read() for r in local[1]] == [r.read() for r in remote[1]]
     for synset in local[0]:  # a folder of per-synset tars, read by offsets
         with tarfile.open(tmp_path / f"{synset}.tar", "w") as tar:
             tar.add(tmp_path / "src" / synset, arcname=synset)
-        ckpt.copy_file(tmp_path / f"{synset}.tar", f"{gcs}/tars/{synset}.tar")
-    tars = imagenet.list_images(f"{gcs}/tars")
+        storage.copy_file(tmp_path / f"{synset}.tar", f"{gcs}/tars/{synset}.tar")
+    tars = images.list_images(f"{gcs}/tars")
     assert sorted(r.read() for r in tars[1]) == sorted(r.read() for r in local[1])
 
     vae = tmp_path / "vae"
@@ -347,7 +352,7 @@ def test_imagenet_source_and_vae_folder_on_an_object_store(gcs, tmp_path):
     from safetensors.numpy import save_file
 
     save_file({"w": np.arange(6, dtype=np.float16)}, str(vae / "diffusion_pytorch_model.fp16.safetensors"))
-    builders.sync_folder(vae, f"{gcs}/vae", last=())
+    staging.sync_folder(vae, f"{gcs}/vae", last=())
     config, state = read_diffusers_folder(f"{gcs}/vae")
     assert config == json.loads((vae / "config.json").read_text())
     np.testing.assert_array_equal(state["w"], np.arange(6, dtype=np.float32))
@@ -359,10 +364,10 @@ def test_unwritable_output_folder_is_one_line_before_any_work(gcs, tmp_path, mon
     with pytest.raises(
         ValueError, match=rf"--out {tmp_path}/a_file/eval cannot be written \((FileExistsError|NotADir)"
     ):
-        ckpt.check_writable(tmp_path / "a_file" / "eval", "--out")
-    assert ckpt.check_writable(tmp_path / "new" / "eval", "--out") == epath.Path(tmp_path / "new" / "eval")
+        storage.check_writable(tmp_path / "a_file" / "eval", "--out")
+    assert storage.check_writable(tmp_path / "new" / "eval", "--out") == epath.Path(tmp_path / "new" / "eval")
     assert sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing left behind
-    assert ckpt.check_writable(f"{gcs}/eval", "--out") == epath.Path(f"{gcs}/eval")
+    assert storage.check_writable(f"{gcs}/eval", "--out") == epath.Path(f"{gcs}/eval")
     assert not list(epath.Path(gcs).glob("eval/*"))  # the test write is gone
 
     def refused(self, *args, **kwargs):
@@ -370,4 +375,4 @@ def test_unwritable_output_folder_is_one_line_before_any_work(gcs, tmp_path, mon
 
     monkeypatch.setattr(FakeGCS, "open", refused)
     with pytest.raises(ValueError, match=r"--out gs://bucket/run/x cannot be written .*does the bucket exist"):
-        ckpt.check_writable(f"{gcs}/x", "--out")
+        storage.check_writable(f"{gcs}/x", "--out")
