@@ -123,11 +123,14 @@ def gm_dropout(keys, gm: GM, p) -> GM:
 
 
 class _Policy(NamedTuple):
-    """A student's GM read as a policy: its x0-GM at the source point (x_src, σ_src)."""
+    """A student's GM read as a policy: its x0-GM at the source point (x_src, σ_src), laid out for the
+    velocity (the K Gaussians as the minor axis) with its terms that do not depend on (x_t, σ_t)."""
 
-    means: Array  # x0 means (*B, K, C)
+    means: Array  # x0 means, channels before components: (*B, C, K)
     logweights: Array  # (*B, K)
-    var: Array  # x0 variances exp(2 logstd) σ_src², (*B|1, 1, 1)
+    half_sq: Array  # ½ |μ_k|², (*B, K)
+    mean_dot_src: Array  # μ_k · x_src, (*B, K)
+    var: Array  # x0 variances exp(2 logstd) σ_src², (*B|1, 1)
     x_src: Array  # (*B, C)
     sigma_src: Array  # scalar or (N, 1, .., 1), broadcastable against x_src
 
@@ -136,23 +139,36 @@ def _make_policy(gm_u: GM, x_src: Array, sigma_src) -> _Policy:
     gm_u = as_float32(gm_u)
     x_src = check_points(gm_u, x_src, "x_src")
     gm_x0 = u_to_x0(gm_u, x_src, sigma_src)
+    means = jnp.swapaxes(gm_x0.means, -1, -2)
     return _Policy(
-        gm_x0.means, gm_x0.logweights, jnp.exp(2.0 * gm_x0.logstds), x_src, per_sample(sigma_src, x_src.ndim)
+        means,
+        gm_x0.logweights,
+        0.5 * jnp.sum(means * means, axis=-2),
+        jnp.sum(means * x_src[..., None], axis=-2),
+        jnp.exp(2.0 * gm_x0.logstds)[..., 0],
+        x_src,
+        per_sample(sigma_src, x_src.ndim),
     )
 
 
 def _velocity(policy: _Policy, x: Array, sigma: Array, eps: float) -> Array:
     """The policy's velocity at (x (*B, C), σ broadcastable against x): method.md §6.3 in precision form
     followed by the mean. With ``a = (1 − σ)/σ`` the ratio ``p(x | x0)/p(x_src | x0)`` is the Gaussian
-    in x0 of precision ``ζ = a² − a_src²`` and precision-times-mean ``ν = a x/σ − a_src x_src/σ_src``."""
+    in x0 of precision ``ζ = a² − a_src²`` and precision-times-mean ``ν = a x/σ − a_src x_src/σ_src``;
+    the variance ``v`` is shared by the components, so the converted means ``(v ν + μ_k)/d``,
+    ``d = v ζ + 1``, average to ``(v ν + Σ_k w_k μ_k)/d`` with the converted weights
+    ``w ∝ exp(log w_k + (μ_k·ν − ζ |μ_k|²/2)/d)``: per call two products over the channels and one
+    softmax over K, on arrays with K minor."""
     s_src, s = jnp.maximum(policy.sigma_src, eps), jnp.maximum(sigma, eps)
     a_src, a = (1.0 - s_src) / s_src, (1.0 - s) / s
-    zeta = (a * a - a_src * a_src)[..., None]  # broadcastable against (*B, K, C)
-    nu = (a * x / s - a_src * policy.x_src / s_src)[..., None, :]  # (*B, 1, C)
-    d = jnp.maximum(policy.var * zeta + 1.0, eps)  # (*B|1, 1, 1)
-    means = (policy.var * nu + policy.means) / d
-    logits = policy.logweights + jnp.sum(policy.means * (nu - 0.5 * zeta * policy.means), axis=-1) / d[..., 0]
-    x0 = jnp.einsum("...k,...kc->...c", jax.nn.softmax(logits, axis=-1), means)
+    zeta = a * a - a_src * a_src  # broadcastable against (*B, C) and (*B, K)
+    nu = a * x / s - a_src * policy.x_src / s_src  # (*B, C)
+    d = jnp.maximum(policy.var * zeta + 1.0, eps)
+    mean_dot_nu = (a / s) * jnp.sum(policy.means * x[..., None], axis=-2) - (a_src / s_src) * policy.mean_dot_src
+    logits = policy.logweights + (mean_dot_nu - zeta * policy.half_sq) / d  # (*B, K)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    mixed = jnp.sum(policy.means * e[..., None, :], axis=-1) / jnp.sum(e, axis=-1, keepdims=True)  # (*B, C)
+    x0 = (policy.var * nu + mixed) / d
     return (x - x0) / s
 
 
@@ -192,6 +208,63 @@ def _rollout(policy: _Policy, x: Array, t_a, t_b, *, total_substeps: int, shift,
 
     steps = total_substeps if grad else jnp.max(n).astype(jnp.int32)
     return jax.lax.fori_loop(0, steps, substep, (x, t_a, t_to_sigma(t_a, shift)))
+
+
+def _rollout_legs(policy: _Policy, x: Array, times: Array, *, total_substeps: int, shift, eps: float):
+    """Detached Euler rollout of the policy from ``x`` at ``times[0]`` through ``times[1]``, .., ``times[M]``
+    (``times`` (M + 1, N), non-increasing): leg m is ``_rollout`` from the exact ``times[m]`` to
+    ``times[m + 1]`` in its own ``n_m`` equal sub-steps, x carried on from the leg before; all legs run in
+    one loop of ``max Σ_m n_m`` iterations (not ``Σ_m max n_m``). Returns x ``(M, *x.shape)`` and σ
+    ``(M, N, 1, .., 1)`` at the end of each leg."""
+    policy, x, times = jax.lax.stop_gradient((policy, x, times))
+    big_m = times.shape[0] - 1
+    times = times.reshape(times.shape + (1,) * (x.ndim - 1))
+    starts, delta = times[:-1], times[:-1] - times[1:]
+    n = jnp.clip(jnp.round(delta * total_substeps), 1.0, float(total_substeps))
+    dt, last = delta / n, jnp.cumsum(n, axis=0) - 1.0  # the iteration that ends leg m
+    first, sigma_starts = last - n + 1.0, t_to_sigma(starts, shift)
+    legs = jnp.arange(big_m, dtype=jnp.float32).reshape((big_m,) + (1,) * x.ndim)
+
+    def substep(i, carry):
+        x, t, sigma, xs, sigmas = carry
+        i = jnp.asarray(i, jnp.float32)
+        leg = jnp.sum(i > last, axis=0)  # the leg running now, M when all are done
+        now = (legs == leg).astype(jnp.float32)
+        starting = jnp.any(i == first, axis=0)
+        t = jnp.where(starting, jnp.sum(now * starts, axis=0), t)
+        sigma = jnp.where(starting, jnp.sum(now * sigma_starts, axis=0), sigma)
+        t_new = jnp.maximum(t - jnp.sum(now * dt, axis=0), 0.0)
+        sigma_new = t_to_sigma(t_new, shift)
+        x_new = x + _velocity(policy, x, sigma, eps) * (sigma_new - sigma)
+        active = leg < big_m
+        x, t, sigma = jnp.where(active, x_new, x), jnp.where(active, t_new, t), jnp.where(active, sigma_new, sigma)
+        ending = i == last
+        return x, t, sigma, jnp.where(ending, x[None], xs), jnp.where(ending, sigma[None], sigmas)
+
+    init = (x, starts[0], sigma_starts[0], jnp.zeros((big_m,) + x.shape), jnp.zeros_like(sigma_starts))
+    steps = jnp.max(last[-1]).astype(jnp.int32) + 1
+    _, _, _, xs, sigmas = jax.lax.fori_loop(0, steps, substep, init)
+    return xs, sigmas
+
+
+def _local_errors(policy, detached, x_src, t_src, gaps, teacher_fn, labels, *, total_substeps: int, shift):
+    """pi-ID's squared errors ``(N, M)`` without teacher gaps and windows: the M intermediate states
+    ``t_m = max(t_{m−1} − gap_m, 0)`` all lie on the detached policy's trajectory, so one rollout passes
+    through them (``_rollout_legs``), the teacher sees all of them in one call (batch N·M, example-major)
+    and the policy's velocity is taken at all of them at once."""
+    big_m, n, nd = gaps.shape[1], x_src.shape[0], x_src.ndim
+    times = [t_src]
+    for m in range(big_m):
+        times.append(jnp.maximum(times[-1] - gaps[:, m], 0.0))
+    xs, sigmas = _rollout_legs(
+        detached, x_src, jnp.stack(times), total_substeps=total_substeps, shift=shift, eps=POLICY_EPS
+    )
+    flat = jnp.swapaxes(xs, 0, 1).reshape((n * big_m,) + x_src.shape[1:])
+    tau = to_tau(jnp.swapaxes(sigmas.reshape(big_m, n), 0, 1).reshape(n * big_m))
+    target = teacher_fn(flat, tau, None if labels is None else jnp.repeat(labels, big_m, axis=0))
+    target = jnp.swapaxes(jax.lax.stop_gradient(target).reshape((n, big_m) + x_src.shape[1:]), 0, 1)
+    pred = _velocity(policy, xs, sigmas, POLICY_EPS)
+    return jnp.mean((pred - target) ** 2, axis=tuple(range(2, nd + 1))).T
 
 
 def policy_rollout(
@@ -353,6 +426,9 @@ def piid_loss(
     rollout = functools.partial(_rollout, total_substeps=steps, shift=shift, eps=POLICY_EPS)
     local_only = window_substeps == 0 and _is_zero(teacher_ratio)
 
+    if local_only:
+        sq = _local_errors(policy, detached, x_src, t_src, gap_s, teacher_fn, labels, total_substeps=steps, shift=shift)
+        return scale * 0.5 * jnp.mean(sq, axis=-1)
     x_last, t_last, sq = x_src, t_src, []
     for m in range(big_m):
         t_a = jnp.maximum(t_last - gap_s[:, m], 0.0)

@@ -182,6 +182,37 @@ def test_piid_loss_vanishes_for_exact_student(gm_data, exact_student):
     assert float(value) > 1e-3 and float(jnp.abs(grad.means).max()) > 1e-4, (value, grad)
 
 
+def test_piid_loss_one_pass_equals_state_by_state(gm_data):
+    """Without teacher gaps and windows the loss takes one rollout through all M states and one teacher call
+    (batch N·M); a traced teacher_ratio of 0 takes the general path (a rollout, a teacher call and a
+    prediction per state, moving on with the teacher's velocity over a zero gap). Same loss and gradients
+    to float32 round-off, for a wrong student with dropout and a label-dependent teacher."""
+    rng = np.random.default_rng(11)
+    n = 32
+    keys = jax.random.split(jax.random.key(7), n)
+    seg = segment_start(keys, jnp.asarray(gm_data.sample(rng, n), jnp.float32), nfe=2)
+    gm_u = _random_gm(rng, (n,), 6, 2, rng.uniform(-2.0, 0.5, (n, 1, 1)))
+    labels = jnp.asarray(rng.integers(0, 3, n))
+    exact = _exact_teacher(gm_data)
+
+    def teacher(x, tau, labels):
+        return exact(x, tau, None) + 0.1 * labels[:, None].astype(jnp.float32)
+
+    def loss_and_grad(gm, ratio):
+        def loss(gm):
+            kw = dict(num_intermediate_states=3, gm_dropout=0.3, teacher_ratio=ratio, shift=2.0, scale=3.0)
+            return jnp.mean(piflow.piid_loss(keys, gm, seg.x_src, seg.t_src, seg.length, teacher, labels, **kw))
+
+        return jax.value_and_grad(loss)(gm)
+
+    one_pass = jax.jit(lambda gm: loss_and_grad(gm, 0.0))(gm_u)  # a Python 0: known at trace time
+    by_state = jax.jit(loss_and_grad)(gm_u, jnp.float32(0.0))  # traced: the general path
+    assert float(one_pass[0]) > 1e-2  # a wrong student
+    np.testing.assert_allclose(float(one_pass[0]), float(by_state[0]), rtol=1e-4)
+    for a, b in zip(one_pass[1], by_state[1], strict=True):
+        np.testing.assert_allclose(_np(a), _np(b), rtol=2e-3, atol=1e-5 * float(np.abs(_np(b)).max()))
+
+
 def test_piid_loss_teacher_only_is_average_velocity_of_rollout(gm_data, exact_student):
     """teacher_ratio 1, M = 1: the student gap is 0 and the teacher's the whole segment, so the prediction is
     the policy's average velocity over its rollout across the segment, the target the teacher's velocity at
