@@ -38,6 +38,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from gmflow_jax.cache import default_cache_dir
 from gmflow_jax.checkpoint import copy_file, file_sizes, is_url, workdir_path, write_atomic
 
 CHECKERBOARD_SIZE = 1 << 20
@@ -168,11 +169,6 @@ class Checkerboard(_LocalBuilder, skip_registration=True):
 
 BUILDERS: dict[str, type[_LocalBuilder]] = {"digits": Digits, "checkerboard": Checkerboard}
 KNOWN_DATASETS: tuple[str, ...] = ("checkerboard", "checkerboard/1m", "checkerboard/64k", "digits", "imagenet_latents")
-
-
-def default_cache_dir() -> str:
-    """``$GMFLOW_JAX_CACHE`` if set, else ``~/.cache/gmflow_jax``."""
-    return os.environ.get("GMFLOW_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmflow_jax")
 
 
 SYNC_MANIFEST = ".copied_from.json"  # in a copy: {file: [size, mtime] of the source file it was copied from}
