@@ -17,6 +17,7 @@ import hashlib
 import http.client
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -73,7 +74,8 @@ def fetch(url: str, cache_dir: str | None = None, progress: TextIO | None = sys.
     if os.path.isfile(dest):
         return dest
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.download{os.getpid()}")
+    # hidden, and unique across the hosts of a pod that share one cache folder
+    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{socket.gethostname()}-{os.getpid()}")
     try:
         digest, size = _download(url, tmp, progress)
         want = expected_hash_prefix(os.path.basename(dest))

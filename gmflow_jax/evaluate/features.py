@@ -2,8 +2,9 @@
 
 A *feature network* is a callable on uint8 ``(B, H, W, 3)`` NumPy images returning a dict of NumPy arrays
 ``{'pool': (B, D), 'logits': (B, L)}`` and optionally ``'spatial': (B, S)``, with attributes ``name`` (identifies
-the network and its weights; stored in reference files) and ``resolution`` (the image size it accepts, or None for
-any). :class:`ShardedNetwork` makes one from an NNX module (the FID :class:`~.inception.InceptionV3`);
+the network, its weights and input path; stored in reference files), ``resolution`` (the image size it accepts, or
+None for any) and, for the FID Inception, ``input_transform`` (``'tf'`` or ``'pytorch-fid'``).
+:class:`ShardedNetwork` makes one from an NNX module (the FID :class:`~.inception.InceptionV3`);
 :mod:`~.digits_net` is one for the 8×8 digits.
 """
 
@@ -39,6 +40,7 @@ class ShardedNetwork:
     def __init__(self, module: nnx.Module, batch_size: int = 200):
         devices = jax.local_devices()
         self.name: str = module.name
+        self.input_transform: str | None = getattr(module, "input_transform", None)
         self.resolution: tuple[int, int] | None = None  # the Inception resizes any input
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = Mesh(np.asarray(devices), ("data",))
