@@ -287,8 +287,13 @@ class InceptionV3(nnx.Module):
         return (x - 128.0) * 0.0078125 if tf else 2.0 * x - 1.0
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        """uint8 (N, H, W, 3) → ``{'pool', 'spatial', 'logits'}`` (module docstring): :meth:`preprocess`, then
+        :meth:`features`."""
         check_images(images)
-        x = self.preprocess(images)
+        return self.features(self.preprocess(images))
+
+    def features(self, x: jax.Array) -> dict[str, jax.Array]:
+        """The network proper on preprocessed float32 (N, 299, 299, 3) input → ``{'pool', 'spatial', 'logits'}``."""
         for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
             x = layer(x)
         x = _max_pool(x, 2, "VALID")
