@@ -126,7 +126,7 @@ def tf_input_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tf")
     rng = np.random.default_rng(1)
     images = {f"{h}x{w}": rng.integers(0, 256, (3, h, w, 3), dtype=np.uint8) for h, w in TF_SIZES}
-    np.savez(folder / "in.npz", **images)
+    np.savez(folder / "in.npz", matrix_sizes=np.asarray(MATRIX_SIZES), **images)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [site, os.environ.get("PYTHONPATH")])))
     env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     script = os.path.join(os.path.dirname(__file__), "tf_input_path.py")
@@ -135,7 +135,18 @@ def tf_input_path(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     with np.load(folder / "out.npz") as f:
         assert str(f["tf_version"]) == "2.21.0"  # requirements-tf.txt's
-        return {(h, w): (images[f"{h}x{w}"], f[f"{h}x{w}"]) for h, w in TF_SIZES}
+        out = {(h, w): (images[f"{h}x{w}"], f[f"{h}x{w}"]) for h, w in TF_SIZES}
+        return out | {n: f[f"matrix_{n}"] for n in MATRIX_SIZES}
+
+
+MATRIX_SIZES = (8, 64, 173, 211, 256, 299, 512, 1000)
+
+
+@pytest.mark.parametrize("size_in", MATRIX_SIZES)
+def test_resize_matrix_is_tensorflows(tf_input_path, size_in):
+    """TF's float32 positions (``i · fl(in/out)``) and weights, to the last bit (float64 positions differ by up to
+    6e-5 at 1000 px, PyTorch's by up to 1)."""
+    np.testing.assert_array_equal(resize_matrix(size_in, 299, "tf"), tf_input_path[size_in])
 
 
 @pytest.mark.parametrize("size", TF_SIZES)
@@ -144,26 +155,31 @@ def test_tf_input_path_is_tensorflows(tf_input_path, size):
     net = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_transform="tf"))
     got = np.asarray(jax.jit(net.preprocess)(images))
     assert got.shape == want.shape == (3, 299, 299, 3)
-    # float32 rounding of a blend done in another order: a few 1e-7 of the [−1, 1] range
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+    # the same float32 weights; float32 rounding of a blend done in another order (measured: ≤ 3.6e-7)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     torch_way = nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0), input_transform="pytorch-fid"))
     other = np.asarray(jax.jit(torch_way.preprocess)(images))
     # the test tells the two pipelines apart: 255 → 1.0 vs 0.992, and (but at 299) a shifted resize
     assert np.max(np.abs(other - want)) > 5e-3
 
 
+@pytest.fixture(scope="module")
+def tf_net(reference):
+    net = InceptionV3.from_pytorch_fid(reference[0])  # "tf" by default
+    assert net.input_transform == "tf" and net.name == "inception-v3-fid:pt_inception-random.pth:tf"
+    return net
+
+
 @pytest.mark.parametrize("size", TF_SIZES)
-def test_tf_transform_matches_tensorflow_then_pytorch_fid(reference, tf_input_path, jax_features, size):
+def test_tf_transform_matches_tensorflow_then_pytorch_fid(reference, tf_input_path, tf_net, jax_features, size):
     """The ``"tf"`` network's features = pytorch-fid's module (resize and normalisation off) on TensorFlow's input."""
     images, tf_input = tf_input_path[size]
     want = reference[2](torch.from_numpy(tf_input).permute(0, 3, 1, 2))
-    net = InceptionV3.from_pytorch_fid(reference[0])  # "tf" by default
-    assert net.input_transform == "tf" and net.name.endswith(":tf")
     # the whole call at ADM's 256 px (one compilation); else the input path and the network proper (the same weights)
     if size == (256, 256):
-        got = jax.jit(lambda x: net(x))(images)
+        got = jax.jit(lambda x: tf_net(x))(images)
     else:
-        got = jax_features(jax.jit(net.preprocess)(images))
+        got = jax_features(jax.jit(tf_net.preprocess)(images))
     err = _relative_errors(got, want)
     print(f"{size}: relative errors {err}")
     assert err["pool"] <= 1e-4 and err["logits"] <= 1e-4 and err["spatial"] <= 1e-3, (size, err)
