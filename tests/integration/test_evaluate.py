@@ -4,10 +4,13 @@ Inception path with a reference made by ``python -m gmflow_jax.evaluate.referenc
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -168,16 +171,16 @@ def inception_file(tmp_path_factory) -> Path:
     return path
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 @pytest.fixture
 def inception_url(inception_file, tmp_path, monkeypatch):
     """``inception_file`` served over HTTP on loopback (a real socket) for the test; downloads go to its own cache."""
-    import functools
-    import http.server
-    import threading
-
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(inception_file.parent))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(_QuietHandler, directory=str(inception_file.parent))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()

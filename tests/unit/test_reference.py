@@ -160,14 +160,18 @@ def test_adm_batch_is_tf_and_refuses_other_features(tmp_path):
     assert ref.input_transform == "tf" and ref.feature_network == "adm"
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
 def test_reference_from_a_url(tmp_path, monkeypatch):
     """``--ref http://...``: the batch is downloaded into the cache once and read from there."""
     served = tmp_path / "served"
     served.mkdir()
     x = _adm_batch(str(served / "VIRTUAL_batch.npz"))
     monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
+    handler = functools.partial(_QuietHandler, directory=str(served))
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
