@@ -12,8 +12,9 @@ $(VENV)/.runtime: requirements.txt pyproject.toml
 	$(PIP) install --no-deps -e .
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt requirements-tf.txt
 	$(PIP) install -r requirements-test.txt
+	$(PIP) install --no-deps --upgrade --target $(VENV)/tf-reference -r requirements-tf.txt
 	touch $@
 
 install: $(VENV)/.runtime

@@ -4,12 +4,14 @@
 # guidance swept over its 20 values, 50,000 samples per setting against the ADM reference batch.
 #
 #   launch/eval_imagenet_paper.sh [--dry-run] --workdir CKPT --out DIR --ref VIRTUAL_imagenet256_labeled.npz \
-#       --inception pt_inception-2015-12-05-6726825d.pth [-- EXTRA_EVALUATE_FLAGS...]
+#       [--inception pt_inception-2015-12-05-6726825d.pth] [-- EXTRA_EVALUATE_FLAGS...]
 #
 # Runs `python -m gmflow_jax.evaluate` once per solver setting into one DIR, so metrics.json, metrics.csv
-# and the sweep plots there hold all four curves. Each run resumes where a killed one stopped. EXTRA flags
-# go to every run (e.g. --multihost on a pod, --chunk_size 512 on a large GPU). --dry-run prints the four
-# commands (one line each, shell-quoted) and starts nothing. The interpreter is ${PYTHON:-python3}.
+# and the sweep plots there hold all four curves. --ref and --inception take a path, gs:// or http(s):// URL;
+# without --inception the evaluation fetches pytorch-fid's weights from their official URL (cached once).
+# Each run resumes where a killed one stopped. EXTRA flags go to every run (e.g. --multihost on a pod,
+# --chunk_size 512 on a large GPU). --dry-run prints the four commands (one line each, shell-quoted) and
+# starts nothing. The interpreter is ${PYTHON:-python3}.
 # Cost (docs/benchmarks.md, bench/eval_cost.py): about 4M samples and 160M network evaluations.
 set -euo pipefail
 
@@ -40,7 +42,9 @@ while (($#)); do
     esac
     shift
 done
-[[ -n $workdir && -n $out && -n $ref && -n $inception ]] || die "--workdir, --out, --ref and --inception are required"
+[[ -n $workdir && -n $out && -n $ref ]] || die "--workdir, --out and --ref are required"
+inception_flag=()
+[[ -z $inception ]] || inception_flag=("--inception=$inception")
 
 settings=(
     "--solver=gm-ode --num_steps=8 --num_substeps=16"
@@ -50,7 +54,7 @@ settings=(
 )
 for setting in "${settings[@]}"; do
     read -r -a setting_flags <<<"$setting"
-    cmd=("$PYTHON" -m gmflow_jax.evaluate "--workdir=$workdir" "--out=$out" "--ref=$ref" "--inception=$inception"
+    cmd=("$PYTHON" -m gmflow_jax.evaluate "--workdir=$workdir" "--out=$out" "--ref=$ref" "${inception_flag[@]}"
         --num_samples=50000 --order=2 "${setting_flags[@]}" "--guidance=$GUIDANCE" --seed=0 "$@")
     if ((dry_run)); then
         printf '%q ' "${cmd[@]}"

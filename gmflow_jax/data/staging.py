@@ -11,14 +11,10 @@ import time
 
 from etils import epath
 
+from gmflow_jax.cache import default_cache_dir
 from gmflow_jax.storage import copy_file, file_sizes, is_url, workdir_path, write_atomic
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> str:
-    """``$GMFLOW_JAX_CACHE`` if set, else ``~/.cache/gmflow_jax``."""
-    return os.environ.get("GMFLOW_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gmflow_jax")
 
 
 SYNC_MANIFEST = ".copied_from.json"  # in a copy: {file: [size, mtime] of the source file it was copied from}

@@ -1,8 +1,9 @@
 """``python -m gmflow_jax.evaluate``: samples a checkpoint for a guidance sweep and scores the samples.
 
-With ``--inception`` (and ``--ref``), or for a digits run with neither, every setting's row of ``metrics.json`` gets
-``fid``, ``sfid``, ``is`` (``is_std``), ``precision``, ``recall`` and ``saturation``; ``metrics.csv`` and the sweep
-plots are redrawn from all rows of ``--out`` (so runs of several solver settings into one folder share the plots).
+With ``--ref`` (the Inception weights fetched when ``--inception`` is not given), or for a digits run without it,
+every setting's row of ``metrics.json`` gets ``fid``, ``sfid``, ``is`` (``is_std``), ``precision``, ``recall`` and
+``saturation``; ``metrics.csv`` and the sweep plots are redrawn from all rows of ``--out`` (so runs of several
+solver settings into one folder share the plots).
 """
 
 from __future__ import annotations
@@ -33,8 +34,16 @@ flags.DEFINE_float("orthogonal", None, "Guidance bias projection (default: 1 for
 flags.DEFINE_float("shift", None, "Time-grid shift (default: 1; a pi-Flow student: config.distill.shift).")
 flags.DEFINE_integer("seed", 0, "Seed of the labels, the noise and the solver.")
 flags.DEFINE_integer("chunk_size", 256, "Samples per compiled call and per resumable chunk (fixes GM-SDE noise).")
-flags.DEFINE_string("ref", None, "Reference: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or one of ours.")
-flags.DEFINE_string("inception", None, "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth).")
+flags.DEFINE_string(
+    "ref",
+    None,
+    "Reference: the ADM batch (VIRTUAL_imagenet256_labeled.npz) or one of ours; a path, "
+    "gs:// or http(s):// URL (downloaded into $GMFLOW_JAX_CACHE, else ~/.cache/gmflow_jax).",
+)
+flags.DEFINE_string("inception", None, "pytorch-fid's Inception weights: a path, gs:// or http(s):// URL (default: "
+                    "the official URL, downloaded into the cache once, when the reference needs them).")  # fmt: skip
+flags.DEFINE_enum("input_transform", None, ["tf", "pytorch-fid"], "The Inception's input path (default: the "
+                  "reference's; 'tf' for the ADM batch); one differing from the reference's is refused.")  # fmt: skip
 flags.DEFINE_bool("allow_fewer_samples", False, "Score even with fewer samples than the reference's protocol needs.")
 flags.DEFINE_integer("feature_batch", 200, "Images per Inception call (rounded up to a multiple of the devices).")
 cli.define_multihost_flags()
@@ -75,6 +84,7 @@ def main(argv: list[str]) -> None:
         FLAGS.num_samples,
         FLAGS.allow_fewer_samples,
         FLAGS.feature_batch,
+        FLAGS.input_transform,
     )  # every check before the first sample is drawn
     rows = evaluate_samples(
         sampler,

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from gmflow_jax.data.staging import default_cache_dir
+from gmflow_jax.cache import default_cache_dir
 from gmflow_jax.evaluate.sampling import to_uint8_rgb
 
 RESOLUTION = (8, 8)

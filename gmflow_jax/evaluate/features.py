@@ -2,8 +2,9 @@
 
 A *feature network* is a callable on uint8 ``(B, H, W, 3)`` NumPy images returning a dict of NumPy arrays
 ``{'pool': (B, D), 'logits': (B, L)}`` and optionally ``'spatial': (B, S)``, with attributes ``name`` (identifies
-the network and its weights; stored in reference files) and ``resolution`` (the image size it accepts, or None for
-any). :class:`ShardedNetwork` makes one from an NNX module (the FID :class:`~.inception.InceptionV3`);
+the network, its weights and input path; stored in reference files), ``resolution`` (the image size it accepts, or
+None for any) and, for the FID Inception, ``input_transform`` (``'tf'`` or ``'pytorch-fid'``).
+:class:`ShardedNetwork` makes one from an NNX module (the FID :class:`~.inception.InceptionV3`);
 :mod:`~.digits_net` is one for the 8×8 digits.
 """
 
@@ -39,6 +40,7 @@ class ShardedNetwork:
     def __init__(self, module: nnx.Module, batch_size: int = 200):
         devices = jax.local_devices()
         self.name: str = module.name
+        self.input_transform: str | None = getattr(module, "input_transform", None)
         self.resolution: tuple[int, int] | None = None  # the Inception resizes any input
         self.batch_size = -(-batch_size // len(devices)) * len(devices)
         mesh = Mesh(np.asarray(devices), ("data",))
@@ -141,14 +143,21 @@ def cached_features(
     return out
 
 
-def feature_network(inception: str | None, preprocessing: str, batch_size: int) -> FeatureNetwork | None:
-    """The FID Inception from ``inception`` (a pytorch-fid weights file); else the digits network for images with
+def feature_network(
+    inception: str | None,
+    preprocessing: str,
+    batch_size: int,
+    input_transform: str = "tf",
+    use_inception: bool = False,
+) -> FeatureNetwork | None:
+    """The FID Inception with ``input_transform`` when ``inception`` (pytorch-fid's weights: a path or URL) is given
+    or ``use_inception`` (then with the official weights, downloaded once); else the digits network for images with
     preprocessing 'digits'; else None (samples only)."""
-    if inception:
+    if inception or use_inception:
         from gmflow_jax.evaluate.features import ShardedNetwork
         from gmflow_jax.evaluate.inception import InceptionV3
 
-        return ShardedNetwork(InceptionV3.from_pytorch_fid(inception), batch_size)
+        return ShardedNetwork(InceptionV3.from_pytorch_fid(inception, input_transform), batch_size)
     if preprocessing == "digits":
         from gmflow_jax.evaluate.digits_net import load_digits_net
 

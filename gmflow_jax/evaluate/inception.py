@@ -1,6 +1,6 @@
 """The FID Inception network (InceptionV3 as ported by pytorch-fid from the 2015-12-05 TensorFlow graph), Flax NNX.
 
-    net = InceptionV3.from_pytorch_fid("pt_inception-2015-12-05-6726825d.pth")
+    net = InceptionV3.from_pytorch_fid("pt_inception-2015-12-05-6726825d.pth")  # or a URL; None: the official one
     out = net(images)  # uint8 (N, H, W, 3), any H, W -> {'pool': (N, 2048), 'spatial': (N, 2023), 'logits': (N, 1008)}
 
 This is the network every published ImageNet FID is computed with (the ADM evaluator runs the TensorFlow graph,
@@ -8,8 +8,15 @@ pytorch-fid the same weights in PyTorch). It differs from torchvision's Inceptio
 in four blocks (pytorch-fid's ``FIDInceptionA/C/E_1/E_2``): the 3×3 average pools of the A, C and first E blocks do
 not count the zero padding, and the last E block max-pools instead.
 
-Input, as pytorch-fid: uint8 → [0, 1], bilinear resize to 299 × 299 with PyTorch's ``F.interpolate(...,
-align_corners=False)`` (no antialiasing, also when shrinking: :func:`resize_matrix`), then 2x − 1.
+Input: a bilinear resize to 299 × 299 (no antialiasing, also when shrinking: :func:`resize_matrix`) and a
+normalisation to about [−1, 1], the two ways of the two pipelines (``input_transform``):
+
+* ``"tf"`` (default): the TF graph's, as the ADM evaluator runs it (images fed at ``ExpandDims:0`` as float 0–255):
+  TF1 ``ResizeBilinear`` with ``align_corners=False`` and no half-pixel centres (output pixel ``i`` samples the input
+  at ``i · in/out``), then ``(x − 128) · 0.0078125``. What every published ImageNet FID (ADM, DiT, SiT, GMFlow,
+  pi-Flow) was computed with.
+* ``"pytorch-fid"``: pytorch-fid's: ``x / 255``, PyTorch's ``F.interpolate(..., align_corners=False)`` (samples at
+  ``(i + 0.5) · in/out − 0.5``), then ``2x − 1``. What pytorch-fid's (and clean-fid's "legacy_pytorch") numbers use.
 
 Outputs (what the ADM evaluator reads from the TF graph):
 
@@ -34,22 +41,36 @@ import numpy as np
 from flax import nnx
 
 RESOLUTION = 299
+INPUT_TRANSFORMS = ("tf", "pytorch-fid")
 PYTORCH_FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 PYTORCH_FID_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PYTORCH_FID_WEIGHTS}"
 NUM_LOGITS = 1008
 SPATIAL_CHANNELS = 7
 
 
-def resize_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """(size_out, size_in) float32 weights of PyTorch's 1-D bilinear resize with ``align_corners=False``.
+def check_input_transform(input_transform: str) -> None:
+    """ValueError naming ``input_transform`` unless it is one of :data:`INPUT_TRANSFORMS`."""
+    if input_transform not in INPUT_TRANSFORMS:
+        raise ValueError(f"input_transform must be one of {INPUT_TRANSFORMS}; got {input_transform!r}")
 
-    Output pixel ``i`` samples the input at ``(i + 0.5) · size_in / size_out − 0.5`` (in float32, as PyTorch),
-    clamped below at 0, between its two neighbours (the upper one clamped to the last pixel): no antialiasing
-    filter when shrinking.
+
+def resize_matrix(size_in: int, size_out: int, input_transform: str) -> np.ndarray:
+    """(size_out, size_in) float32 weights of the 1-D bilinear resize of ``input_transform``.
+
+    Output pixel ``i`` samples the input at ``src = i · size_in / size_out`` (``"tf"``: TF1 ``ResizeBilinear``,
+    ``align_corners=False``, no half-pixel centres) or ``(i + 0.5) · size_in / size_out − 0.5`` clamped below at 0
+    (``"pytorch-fid"``: PyTorch's ``align_corners=False``), between its two neighbours ``floor(src)`` and the next
+    one (clamped to the last pixel) with weights ``1 − frac`` and ``frac``: no antialiasing filter when shrinking.
+    Positions and weights are computed in float32 with each library's operation order, to the last bit.
     """
-    f32 = np.float32  # PyTorch computes the positions and weights in float32; so do we, to the last bit
-    scale = f32(size_in / size_out)
-    src = np.maximum(scale * (np.arange(size_out, dtype=f32) + f32(0.5)) - f32(0.5), f32(0.0))
+    check_input_transform(input_transform)
+    f32 = np.float32
+    i = np.arange(size_out, dtype=f32)
+    if input_transform == "tf":  # TF's CalculateResizeScale and LegacyScaler: float(in) / float(out), then i · scale
+        src = i * (f32(size_in) / f32(size_out))
+    else:
+        scale = f32(size_in / size_out)
+        src = np.maximum(scale * (i + f32(0.5)) - f32(0.5), f32(0.0))
     lo = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
     hi = np.minimum(lo + 1, size_in - 1)
     frac = (src - lo.astype(f32)).astype(np.float64)
@@ -217,9 +238,18 @@ class InceptionV3(nnx.Module):
     (:meth:`from_pytorch_fid`). ``name`` identifies the weights in reference files.
     """
 
-    def __init__(self, *, rngs: nnx.Rngs, precision: jax.lax.Precision = jax.lax.Precision.HIGHEST, name: str = ""):
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+        name: str = "",
+        input_transform: str = "tf",
+    ):
+        check_input_transform(input_transform)
         conv = functools.partial(BasicConv, precision=precision, rngs=rngs)
-        self.name = name or "inception-v3-fid (random weights)"
+        self.name = name or f"inception-v3-fid (random weights):{input_transform}"
+        self.input_transform = input_transform
         self.precision = precision
         self.Conv2d_1a_3x3 = conv(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = conv(32, 32, 3)
@@ -245,18 +275,25 @@ class InceptionV3(nnx.Module):
         return (RESOLUTION, RESOLUTION)
 
     def preprocess(self, images: jax.Array) -> jax.Array:
-        """uint8 (N, H, W, 3) → float32 (N, 299, 299, 3) in [−1, 1], resized as pytorch-fid does."""
-        x = images.astype(jnp.float32) / 255.0
+        """uint8 (N, H, W, 3) → float32 (N, 299, 299, 3) in about [−1, 1], by the ``input_transform``'s resize and
+        normalisation (module docstring); at 299 × 299 both resizes are the identity, exactly, and skipped."""
+        tf = self.input_transform == "tf"
+        x = images.astype(jnp.float32) if tf else images.astype(jnp.float32) / 255.0
         _, h, w, _ = x.shape
         if (h, w) != self.resolution:
             hi = jax.lax.Precision.HIGHEST
-            x = jnp.einsum("oh,nhwc->nowc", resize_matrix(h, RESOLUTION), x, precision=hi)
-            x = jnp.einsum("pw,nowc->nopc", resize_matrix(w, RESOLUTION), x, precision=hi)
-        return 2.0 * x - 1.0
+            x = jnp.einsum("oh,nhwc->nowc", resize_matrix(h, RESOLUTION, self.input_transform), x, precision=hi)
+            x = jnp.einsum("pw,nowc->nopc", resize_matrix(w, RESOLUTION, self.input_transform), x, precision=hi)
+        return (x - 128.0) * 0.0078125 if tf else 2.0 * x - 1.0
 
     def __call__(self, images: jax.Array) -> dict[str, jax.Array]:
+        """uint8 (N, H, W, 3) → ``{'pool', 'spatial', 'logits'}`` (module docstring): :meth:`preprocess`, then
+        :meth:`features`."""
         check_images(images)
-        x = self.preprocess(images)
+        return self.features(self.preprocess(images))
+
+    def features(self, x: jax.Array) -> dict[str, jax.Array]:
+        """The network proper on preprocessed float32 (N, 299, 299, 3) input → ``{'pool', 'spatial', 'logits'}``."""
         for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3):
             x = layer(x)
         x = _max_pool(x, 2, "VALID")
@@ -275,16 +312,27 @@ class InceptionV3(nnx.Module):
 
     @classmethod
     def from_pytorch_fid(
-        cls, path: str | os.PathLike, precision: jax.lax.Precision = jax.lax.Precision.HIGHEST
+        cls,
+        path: str | os.PathLike | None = None,
+        input_transform: str = "tf",
+        precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
     ) -> InceptionV3:
-        """The network with pytorch-fid's weights file (``pt_inception-2015-12-05-6726825d.pth``; download it from
-        ``PYTORCH_FID_URL``). Read without executing pickled code; a missing, unexpected or mis-shaped tensor is a
-        ValueError naming it (with both shapes)."""
+        """The network with pytorch-fid's weights file (``pt_inception-2015-12-05-6726825d.pth``) at ``path``: a
+        local or ``gs://`` path, or an ``http(s)://`` URL downloaded into the cache once (:mod:`gmflow_jax.cache`);
+        None: ``PYTORCH_FID_URL``. ``input_transform``: ``"tf"`` or ``"pytorch-fid"`` (module docstring). Read without
+        executing pickled code; a missing, unexpected or mis-shaped tensor is a ValueError naming it (both shapes).
+
+        ``name`` is ``inception-v3-fid:<file name>:<input_transform>``: features of two transforms never mix."""
+        from gmflow_jax.cache import local_copy
         from gmflow_jax.evaluate.torch_weights import load_state_dict
 
-        name = f"inception-v3-fid:{os.path.basename(str(path))}"
-        net = nnx.eval_shape(lambda: cls(rngs=nnx.Rngs(0), precision=precision, name=name))  # no random init
-        load_pytorch_state(net, load_state_dict(path), str(path))
+        check_input_transform(input_transform)
+        path = local_copy(PYTORCH_FID_URL if path is None else path)
+        name = f"inception-v3-fid:{os.path.basename(path)}:{input_transform}"
+        net = nnx.eval_shape(
+            lambda: cls(rngs=nnx.Rngs(0), precision=precision, name=name, input_transform=input_transform)
+        )  # no random init
+        load_pytorch_state(net, load_state_dict(path), path)
         return net
 
 

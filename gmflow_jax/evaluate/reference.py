@@ -1,15 +1,18 @@
 """Reference statistics of real images: the ADM batch (``VIRTUAL_imagenet256_labeled.npz``) or one made here.
 
-    python -m gmflow_jax.evaluate.reference --images DIR_OR_NPZ --inception FILE --out REF.npz [--resolution 256]
+    python -m gmflow_jax.evaluate.reference --images DIR_OR_NPZ --out REF.npz [--resolution 256] \
+        [--input_transform tf|pytorch-fid] [--inception FILE_OR_URL]
     python -m gmflow_jax.evaluate.reference --images digits --out REF.npz           # the 8×8 digits of `make demo`
 
 A reference holds what the metrics compare samples against: the Gaussian statistics of the real ``pool`` features
 (FID) and ``spatial`` features (sFID), the real ``pool`` features themselves (Precision/Recall), the mean HSV
 saturation of the real images, and how they were made: ``preprocessing`` (``'adm'``: the ADM centre crop;
 ``'digits'``: scikit-learn's digits as the trainer sees them), ``feature_network`` (the network's name: the
-Inception's weights file, the digits network's parameter hash), ``resolution`` and ``min_samples`` (the number of
-samples a faithful comparison needs: 50,000 for the ADM batch, as the paper's protocol).
-Files are the ADM format plus those fields, so ADM's evaluator reads ours.
+Inception's weights file, the digits network's parameter hash), ``input_transform`` (the Inception's input path,
+``'tf'`` or ``'pytorch-fid'``: :mod:`~.inception`; none for the digits network), ``resolution`` and ``min_samples``
+(the number of samples a faithful comparison needs: 50,000 for the ADM batch, as the paper's protocol).
+Files are the ADM format plus those fields, so ADM's evaluator reads ours. An ADM batch's statistics were made by
+the TF graph: its input transform is ``'tf'``.
 
 :func:`load_reference` reads either kind; an ADM batch has only statistics and images, so its ``pool`` features and
 saturation are computed here from its ``arr_0`` (with the FID Inception) and cached beside the evaluation's output.
@@ -23,12 +26,14 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from gmflow_jax.cache import local_copy
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, check_resolution, features_of_batches, npz_array_batches
 from gmflow_jax.storage import file_size, open_npz, workdir_path, write_npz
 
 ADM_MIN_SAMPLES = 50_000
 INCEPTION_FAMILY = "inception-v3-fid"  # ADM's batches were made with the TF graph whose weights pytorch-fid ports
+ADM_INPUT_TRANSFORM = "tf"  # ... fed at ExpandDims:0, through the graph's own resize and normalisation
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -46,11 +51,15 @@ class Reference:
     feature_network: str
     resolution: tuple[int, int]
     min_samples: int
+    input_transform: str | None = None  # the Inception's 'tf' or 'pytorch-fid'; None for other networks
     path: str = ""
 
     def check_compatible(self, net: FeatureNetwork, preprocessing: str, resolution: tuple[int, int]) -> None:
         """ValueError naming both sides if samples of ``resolution`` made with ``preprocessing`` and featurised by
         ``net`` cannot be compared with this reference."""
+        transform = getattr(net, "input_transform", None)
+        if transform is not None:  # the FID Inception: its input path first, the clearest of the differences
+            check_same_transform(self.path, self.input_transform, transform)
         same_net = net.name.startswith(INCEPTION_FAMILY) if self.feature_network == "adm" else (
             net.name == self.feature_network
         )  # fmt: skip
@@ -69,6 +78,31 @@ class Reference:
                 f"reference {self.path} holds {self.resolution[0]}×{self.resolution[1]} images, the samples are "
                 f"{resolution[0]}×{resolution[1]}"
             )
+
+
+def check_same_transform(path: str, reference: str | None, samples: str | None) -> None:
+    """ValueError naming both input transforms unless the reference's features were made like the samples'."""
+    if reference != samples:
+        made = f"input transform {reference!r}" if reference else "no recorded input transform (rebuild it)"
+        raise ValueError(
+            f"reference {path} was made with {made}, the samples' features with input transform {samples!r}; "
+            "one comparison, one pipeline"
+        )
+
+
+def recorded_network(path: str) -> tuple[str, str | None]:
+    """(feature network, input transform) the reference file ``path`` was made with, without reading its arrays:
+    ``('adm', 'tf')`` for an ADM batch (ADM's statistics come from the TF graph)."""
+    with open_npz(path) as f:
+        if "feature_network" not in f.files:
+            return "adm", ADM_INPUT_TRANSFORM
+        transform = str(f["input_transform"][()]) if "input_transform" in f.files else None
+        return str(f["feature_network"][()]), transform
+
+
+def needs_inception(feature_network: str) -> bool:
+    """Whether a reference made with ``feature_network`` (:func:`recorded_network`) needs the FID Inception."""
+    return feature_network == "adm" or feature_network.startswith(INCEPTION_FAMILY)
 
 
 def build_reference(
@@ -103,6 +137,7 @@ def build_reference(
         feature_network=net.name,
         resolution=(int(shape[1]), int(shape[2])),
         min_samples=int(min_samples if min_samples is not None else min(shape[0], ADM_MIN_SAMPLES)),
+        input_transform=getattr(net, "input_transform", None),
     )
 
 
@@ -122,16 +157,18 @@ def save(ref: Reference, path: str) -> None:
             feature_network=np.array(ref.feature_network),
             resolution=np.asarray(ref.resolution, np.int64),
             min_samples=np.int64(ref.min_samples),
+            **({} if ref.input_transform is None else {"input_transform": np.array(ref.input_transform)}),
         ),
     )
 
 
 def load_reference(path: str, net: FeatureNetwork | None, cache_dir: str) -> Reference:
     """Reads a reference of ours or an ADM batch (its pool features and saturation computed from its images with
-    ``net`` and cached in ``cache_dir``). ValueError naming the file when it is neither."""
-    with open_npz(path) as f:
-        ours = "feature_network" in f.files
-    if ours:
+    ``net``, which must take the ``'tf'`` input path, and cached in ``cache_dir``); ``path`` may also be an
+    ``http(s)://`` URL (downloaded into the cache once). ValueError naming the file when it is neither."""
+    path = local_copy(path)
+    feature_network, transform = recorded_network(path)
+    if feature_network != "adm":
         stats = metrics.load_adm_reference(path, load_images=False, dims=None)
         with open_npz(path) as f:
             missing = {"features_pool", "saturation", "resolution", "min_samples"} - set(f.files)
@@ -148,12 +185,14 @@ def load_reference(path: str, net: FeatureNetwork | None, cache_dir: str) -> Ref
                 feature_network=str(f["feature_network"][()]),
                 resolution=tuple(int(v) for v in f["resolution"]),
                 min_samples=int(f["min_samples"]),
+                input_transform=transform,
                 path=path,
             )
     stats = metrics.load_adm_reference(path, load_images=False)
     shape, batches = npz_array_batches(path, "arr_0")
     if net is None or not net.name.startswith(INCEPTION_FAMILY):
         raise ValueError(f"{path} is an ADM reference batch: its features need the FID Inception (--inception FILE)")
+    check_same_transform(path, ADM_INPUT_TRANSFORM, getattr(net, "input_transform", None))
     cache = workdir_path(cache_dir) / "reference_features.npz"
     key = f"{workdir_path(path)}:{file_size(path)}:{net.name}"
     if cache.exists():
@@ -179,6 +218,7 @@ def _adm(stats: dict, pool: np.ndarray, saturation: float, shape: tuple[int, ...
         feature_network="adm",
         resolution=(int(shape[1]), int(shape[2])),
         min_samples=ADM_MIN_SAMPLES,
+        input_transform=ADM_INPUT_TRANSFORM,
         path=path,
     )
 
@@ -235,14 +275,15 @@ def main(argv: list[str]) -> None:
         raise ValueError(f"--out must name an .npz file; got {f.out!r}")
     shape, batches, preprocessing = image_source(f.images, f.resolution)
     preprocessing = f.preprocessing or preprocessing
-    net = feature_network(f.inception, preprocessing, f.feature_batch)
-    if net is None:
-        raise ValueError("--inception FILE is needed for images other than the digits")
+    # the digits network for the digits unless --inception is given; the FID Inception for any other images
+    use_inception = bool(f.inception) or f.images != "digits"
+    net = feature_network(f.inception, preprocessing, f.feature_batch, f.input_transform, use_inception)
     ref = build_reference(net, shape, batches, preprocessing=preprocessing)
     save(ref, f.out)
+    transform = f", input transform {ref.input_transform!r}" if ref.input_transform else ""
     print(
         f"wrote {f.out}: {shape[0]} images {ref.resolution[0]}×{ref.resolution[1]}, preprocessing "
-        f"{ref.preprocessing!r}, features {ref.feature_network}",
+        f"{ref.preprocessing!r}, features {ref.feature_network}{transform}",
         flush=True,
     )
 
@@ -253,7 +294,12 @@ if __name__ == "__main__":
     from gmflow_jax import cli
 
     flags.DEFINE_string("images", None, "'digits', an .npz with uint8 arr_0 (N, H, W, 3), or a folder of images.")
-    flags.DEFINE_string("inception", None, "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth).")
+    flags.DEFINE_string(
+        "inception", None, "pytorch-fid's Inception weights: a path, gs:// or http(s):// URL (default: the official "
+        "URL, downloaded into $GMFLOW_JAX_CACHE or ~/.cache/gmflow_jax once)."
+    )  # fmt: skip
+    flags.DEFINE_enum("input_transform", "tf", ["tf", "pytorch-fid"], "The Inception's input path: 'tf' (the ADM "
+                      "evaluator's, every published ImageNet FID) or 'pytorch-fid' (pytorch-fid's).")  # fmt: skip
     flags.DEFINE_string("out", None, "The reference file to write (.npz).")
     flags.DEFINE_integer("resolution", 256, "Side of the ADM centre crop of a folder's images.")
     flags.DEFINE_string("preprocessing", None, "Record this preprocessing instead of the source's ('adm', 'digits').")

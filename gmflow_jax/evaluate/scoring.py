@@ -14,9 +14,10 @@ import jax
 import numpy as np
 from etils import epath
 
+from gmflow_jax.cache import local_copy
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, cached_features, feature_network
-from gmflow_jax.evaluate.reference import Reference
+from gmflow_jax.evaluate.reference import Reference, needs_inception, recorded_network
 from gmflow_jax.storage import open_npz, workdir_path
 
 METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
@@ -110,6 +111,20 @@ def _is_reference_of(path: epath.Path, net: FeatureNetwork) -> bool:
         return "feature_network" in f.files and str(f["feature_network"][()]) == net.name
 
 
+def input_transform_for(ref_path: str | None, asked: str | None) -> tuple[str, bool]:
+    """(the Inception's input transform, whether the reference needs the Inception) for comparing samples with the
+    reference file ``ref_path`` (local): the reference's own transform ('tf' for an ADM batch), else ``asked``, else
+    'tf'. ValueError naming both when ``asked`` differs from the reference's: one comparison, one pipeline."""
+    network, recorded = recorded_network(ref_path) if ref_path else ("", None)
+    if asked and recorded and asked != recorded:
+        raise ValueError(
+            f"--input_transform={asked!r} but the reference {ref_path} was made with input transform {recorded!r}; "
+            "statistics of two input pipelines are never compared (leave --input_transform out to use the "
+            "reference's)"
+        )
+    return asked or recorded or "tf", bool(network) and needs_inception(network)
+
+
 def prepare(
     sampler: Any,
     out: str,
@@ -118,14 +133,16 @@ def prepare(
     num_samples: int,
     allow_fewer: bool,
     feature_batch: int,
+    input_transform: str | None = None,
 ) -> tuple[FeatureNetwork | None, Reference | None]:
     """(feature network, reference) for scoring ``sampler``'s samples, or (None, None) for samples only; every
-    mismatch a ValueError naming both sides. Too few samples for the reference's protocol: an error with ``--ref``,
-    a note (samples only) for the digits default."""
-    net = feature_network(inception, samples_preprocessing(sampler.config), feature_batch)
+    mismatch a ValueError naming both sides. ``ref_path`` and ``inception`` may be ``http(s)://`` URLs (downloaded
+    into the cache once); the Inception's input transform is the reference's (:func:`input_transform_for`). Too few
+    samples for the reference's protocol: an error with ``--ref``, a note (samples only) for the digits default."""
+    ref_path = local_copy(ref_path) if ref_path else None
+    transform, use_inception = input_transform_for(ref_path, input_transform)
+    net = feature_network(inception, samples_preprocessing(sampler.config), feature_batch, transform, use_inception)
     if net is None:
-        if ref_path:
-            raise ValueError("--ref needs --inception FILE: the samples' features come from the FID Inception")
         return None, None
     ref = reference_for(ref_path, net, sampler.config, out)
     factor = sampler.vae.config.downsample_factor if sampler.config.model.get("vae", "") else 1

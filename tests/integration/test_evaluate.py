@@ -4,10 +4,13 @@ Inception path with a reference made by ``python -m gmflow_jax.evaluate.referenc
 
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -168,7 +171,26 @@ def inception_file(tmp_path_factory) -> Path:
     return path
 
 
-def test_inception_path_with_our_reference(workdir, inception_file, tmp_path):
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def inception_url(inception_file, tmp_path, monkeypatch):
+    """``inception_file`` served over HTTP on loopback (a real socket) for the test; downloads go to its own cache."""
+    monkeypatch.setenv("GMFLOW_JAX_CACHE", str(tmp_path / "cache"))
+    handler = functools.partial(_QuietHandler, directory=str(inception_file.parent))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/{inception_file.name}"
+    srv.shutdown()
+    srv.server_close()
+    thread.join()
+
+
+def test_inception_path_with_our_reference(workdir, inception_file, inception_url, tmp_path):
     from gmflow_jax.evaluate.reference import digits_images
 
     np.savez(tmp_path / "real.npz", arr_0=digits_images()[:24])
@@ -176,17 +198,20 @@ def test_inception_path_with_our_reference(workdir, inception_file, tmp_path):
                 f"--inception={inception_file}", "--feature_batch=8", "--preprocessing=digits"]  # fmt: skip
     result = run([*make_ref, f"--out={tmp_path / 'ref.npz'}"], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "preprocessing 'digits'" in result.stdout
-    flags = [f"--inception={inception_file}", "--feature_batch=8", "--guidance=0.2", "--allow_fewer_samples"]
+    assert "preprocessing 'digits'" in result.stdout and "input transform 'tf'" in result.stdout
+    # the weights by URL: downloaded into the cache, then read from there
+    flags = [f"--inception={inception_url}", "--feature_batch=8", "--guidance=0.2", "--allow_fewer_samples"]
     result = evaluate(workdir, tmp_path / "eval", f"--ref={tmp_path / 'ref.npz'}", *flags)
     assert result.returncode == 0, result.stdout[-3000:]
+    assert f"downloaded {inception_url}" in result.stdout
+    assert list((tmp_path / "cache" / "downloads").rglob(inception_file.name))
     (row,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert row["feature_network"].startswith("inception-v3-fid") and row["sfid"] is not None
+    assert row["feature_network"] == f"inception-v3-fid:{inception_file.name}:tf" and row["sfid"] is not None
 
     # the same FID and sFID from the network called directly on samples.npz and the reference's statistics
     from gmflow_jax.evaluate.inception import InceptionV3
 
-    net = InceptionV3.from_pytorch_fid(inception_file)
+    net = InceptionV3.from_pytorch_fid(inception_file)  # the "tf" input path: the reference's
     with np.load(row["samples"]) as f:
         feats = jax.jit(lambda x: net(x))(f["arr_0"])
     with np.load(tmp_path / "ref.npz") as ref:
@@ -199,6 +224,10 @@ def test_inception_path_with_our_reference(workdir, inception_file, tmp_path):
         np.savez(tmp_path / "adm.npz", **dict(ref, preprocessing=np.array("adm")))
     line = error_line(evaluate(workdir, tmp_path / "eval2", f"--ref={tmp_path / 'adm.npz'}", *flags), 1)
     assert "'adm'" in line and "'digits'" in line and not (tmp_path / "eval2").exists()
+    # so is an input transform other than the reference's ('tf'), naming both
+    line = error_line(evaluate(workdir, tmp_path / "eval2", f"--ref={tmp_path / 'ref.npz'}", *flags,
+                               "--input_transform=pytorch-fid"), 1)  # fmt: skip
+    assert "--input_transform='pytorch-fid'" in line and "'tf'" in line and not (tmp_path / "eval2").exists()
     # with an explicit reference, too few samples for its protocol is an error (it asks for 24: all its images)
     flags.remove("--allow_fewer_samples")
     line = error_line(

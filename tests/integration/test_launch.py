@@ -485,5 +485,7 @@ def test_paper_evaluation_dry_run_is_the_papers_protocol():
         assert len(guidance) == 20 and guidance[0] == 0.02 and guidance[-1] == 0.75 and guidance == sorted(guidance)
         settings.append((flags["solver"], int(flags["num_steps"]), int(flags["num_substeps"])))
     assert settings == [("gm-ode", 8, 16), ("gm-ode", 32, 4), ("gm-sde", 8, 1), ("gm-sde", 32, 1)]
+    cmds, _ = dry_run("eval_imagenet_paper.sh", *args[:6])  # no --inception: the evaluation fetches the weights
+    assert len(cmds) == 4 and not any(a.startswith("--inception") for cmd in cmds for a in cmd)
     result = launch("eval_imagenet_paper.sh", "--dry-run", "--workdir", "runs/k8")
     assert result.returncode == 2 and "--ref" in result.stderr
