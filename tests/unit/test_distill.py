@@ -87,6 +87,10 @@ def test_student_starts_as_the_teachers_mixture(teacher_dir):
 def test_distillation_step_learns_and_does_not_depend_on_micro_batches(teacher_dir):
     config = student_config(teacher_dir)
     config.optim.warmup_steps = 0
+    # AdamW's first step is lr · g / (|g| + eps): with the default eps a gradient element at rounding-noise level
+    # becomes a full ±lr step whose sign depends on the summation order. An eps above that noise keeps the
+    # update continuous in the gradient, so the comparison below sees the gradients, not the signs of their noise.
+    config.optim.eps = 1e-4
     mesh = make_mesh((-1, 1))
     teacher = setup_teacher(config, mesh)
     t_params = load_teacher(teacher)
@@ -107,7 +111,10 @@ def test_distillation_step_learns_and_does_not_depend_on_micro_batches(teacher_d
     new, metrics = out[1]
     assert np.isfinite(float(metrics["loss_piid"])) and float(metrics["loss_piid"]) > 0
     assert float(metrics["grad_norm"]) > 0
-    assert_trees_close(out[1], out[2])  # every leaf, the attention key bias included
+    # the teacher's batch (the N · M intermediate states of one pass) changes size with the micro-batches, and its
+    # float32 rounding then runs through the 128-sub-step rollouts (measured: one element of a zero-initialised
+    # adaLN kernel off by 2.7e-8, 2.9e-3 of itself but 1e-5 of its leaf's largest)
+    assert_trees_close(out[1], out[2], rtol=1e-3)  # every leaf, the attention key bias included
     # the teacher is not part of the state: its weights are unchanged inputs
     assert jax.tree.structure(new.params) == jax.tree.structure(state.params)
 
