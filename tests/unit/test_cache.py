@@ -102,6 +102,7 @@ def test_a_name_without_hash_is_taken_as_it_comes(server, tmp_path):
         ("/ref/short.npz", f"truncated: the connection closed after {len(PAYLOAD) // 2} of {len(PAYLOAD)} bytes"),
         ("/ref/missing.npz", "HTTP 404 Not Found"),
     ],
+    ids=["hash_mismatch", "truncated", "404"],  # the payload is random: ids from it would differ between xdist workers
 )
 def test_a_failed_download_leaves_nothing(server, tmp_path, name, why):
     base, _ = server
