@@ -24,6 +24,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The digits feature network of the evaluation is trained once and cached; the tests (and their subprocesses) keep
 # it out of the user's ~/.cache.
 os.environ.setdefault("GMFLOW_JAX_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "gmflow_jax"))
+# JAX's persistent compilation cache, shared by the test processes and every trainer, sampler and evaluation they
+# start: dozens of subprocesses compile the same small programs (a trainer of the same model is one program
+# whatever its num_steps). A size limit turns on JAX's file lock, which the concurrent processes need (without
+# it an entry is written in place while another process may read it).
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 
 def _import_torchvision() -> None:
