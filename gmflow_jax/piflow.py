@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from gmflow_jax.flow import TAU_SCALE, diffuse, per_sample, to_tau, u_to_x0
 from gmflow_jax.gm import GM, as_float32, check_points, gm_mean
 from gmflow_jax.randomness import per_example
-from gmflow_jax.solvers import probabilistic_guidance
+from gmflow_jax.solvers import guidance_pairs, probabilistic_guidance, split_pairs
 
 Array = jax.Array
 StudentFn = Callable[[Array, Array, Array | None], GM]
@@ -469,15 +469,11 @@ def gmflow_teacher(
             return gm_mean(denoise_fn(x, tau, labels))
         if labels is None or null_label is None:
             raise ValueError("guidance needs both labels (N,) and null_label (the index of the null class).")
-        n, nd = x.shape[0], x.ndim
+        nd = x.ndim
         sigma = jnp.asarray(tau, jnp.float32) / TAU_SCALE
-        both = denoise_fn(
-            jnp.concatenate([x, x]),
-            jnp.concatenate([tau, tau]),
-            jnp.concatenate([labels, jnp.full_like(labels, null_label)]),
-        )
-        gm_x0 = u_to_x0(both, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]))
-        gm_c, gm_uncond = (jax.tree.map(lambda a, sl=sl: a[sl], gm_x0) for sl in (slice(None, n), slice(n, None)))
+        x2 = guidance_pairs(x, x)
+        both = denoise_fn(x2, guidance_pairs(tau, tau), guidance_pairs(labels, jnp.full_like(labels, null_label)))
+        gm_c, gm_uncond = split_pairs(u_to_x0(both, x2, guidance_pairs(sigma, sigma)))
         active = (tau >= guidance_interval[0]) & (tau <= guidance_interval[1])
         w = per_sample(jnp.where(active, guidance, 0.0), nd)
         guided, *_ = probabilistic_guidance(gm_c, gm_uncond, w, orthogonal)

@@ -129,6 +129,20 @@ def _check_denoiser_output(denoise_fn, noise, labels, guided, null_label):
     return means[-2]
 
 
+def guidance_pairs(a: Array, b: Array) -> Array:
+    """``(2N, ...)`` with rows ``2i, 2i+1 = a[i], b[i]``: each example's conditional and unconditional
+    inputs side by side. A batch sharded over devices keeps both halves of a pair on its example's device,
+    where ``concatenate([a, b])`` would move half of every shard to another device (on a v5p-8 FSDP mesh
+    that made a guided teacher forward cost 2.6× two plain ones)."""
+    return jnp.stack([a, b], axis=1).reshape(-1, *a.shape[1:])
+
+
+def split_pairs(tree):
+    """The inverse of ``guidance_pairs`` on every leaf (leading axis ``2N``): ``(even rows, odd rows)``."""
+    pairs = jax.tree.map(lambda a: a.reshape(-1, 2, *a.shape[1:]), tree)
+    return jax.tree.map(lambda a: a[:, 0], pairs), jax.tree.map(lambda a: a[:, 1], pairs)
+
+
 class _Denoiser:
     """Evaluates the network at one noise level and returns x0-GMs (conditional, unconditional)."""
 
@@ -136,10 +150,9 @@ class _Denoiser:
         self.fn, self.labels, self.guided, self.null_label = denoise_fn, labels, guided, null_label
 
     def __call__(self, x: Array, sigma: Array) -> tuple[GM, GM | None]:
-        n = x.shape[0]
         if self.guided:
-            x_in = jnp.concatenate([x, x])
-            labels = jnp.concatenate([self.labels, jnp.full_like(self.labels, self.null_label)])
+            x_in = guidance_pairs(x, x)
+            labels = guidance_pairs(self.labels, jnp.full_like(self.labels, self.null_label))
         else:
             x_in, labels = x, self.labels
         tau = jnp.full((x_in.shape[0],), to_tau(sigma), jnp.float32)
@@ -148,7 +161,7 @@ class _Denoiser:
         gm = u_to_x0(gm_u, x_in, sigma)
         if not self.guided:
             return gm, None
-        return jax.tree.map(lambda a: a[:n], gm), jax.tree.map(lambda a: a[n:], gm)
+        return split_pairs(gm)
 
 
 def probabilistic_guidance(gm_c: GM, gm_u: GM, w: Array, orthogonal) -> tuple[GM, Gaussian, Gaussian, Array]:

@@ -33,6 +33,7 @@ from gmflow_jax.gm import gm_mean
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.models.gmdit import DIT_SIZES
 from gmflow_jax.sharding import check_rules, tree_shardings
+from gmflow_jax.solvers import guidance_pairs, split_pairs
 from gmflow_jax.utilization import gmdit_forward_flops
 
 MEAN_NOISE = 0.05  # std of the per-component offsets added to the tiled means' bias (authors: 0.05)
@@ -219,16 +220,9 @@ def teacher_velocity(teacher: TeacherSetup, params: Any, dcfg: Any) -> piflow.Te
     def cfg_teacher(x, tau, labels):
         if w in (0.0, 1.0):
             return gm_mean(net(x, tau, labels))
-        n = x.shape[0]
-        both = gm_mean(
-            net(
-                jnp.concatenate([x, x]),
-                jnp.concatenate([tau, tau]),
-                jnp.concatenate([labels, jnp.full_like(labels, null)]),
-            )
-        )
-        u_c, u_u = both[:n], both[n:]
-        scale = jnp.where((tau >= lo) & (tau <= hi), w, 1.0).reshape((n,) + (1,) * (x.ndim - 1))
+        both = net(guidance_pairs(x, x), guidance_pairs(tau, tau), guidance_pairs(labels, jnp.full_like(labels, null)))
+        u_c, u_u = split_pairs(gm_mean(both))
+        scale = jnp.where((tau >= lo) & (tau <= hi), w, 1.0).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
         return u_u + scale * (u_c - u_u)
 
     return cfg_teacher

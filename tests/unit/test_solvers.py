@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import chex
 import jax
@@ -505,3 +506,63 @@ def test_cfg_sweep_value_zero_is_no_guidance():
     swept = solvers.sample(_affine_velocity, noise, labels, guidance=jnp.array([0.0, 1.0]), **kw)
     plain = solvers.sample(_affine_velocity, noise[:1], labels[:1], guidance=0.0, **kw)
     np.testing.assert_allclose(swept, jnp.concatenate([plain, plain]), atol=1e-6)
+
+
+_PAIRS_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from gmflow_jax import piflow, solvers
+from gmflow_jax.gm import GM
+
+assert jax.device_count() == 8, jax.devices()
+batch = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+n, k, c = 32, 3, 4
+w_lab = jax.random.normal(jax.random.PRNGKey(0), (11, k, c))
+
+def denoise(x, tau, labels):  # per example: rows never mix
+    means = jnp.tanh(x[:, None, :] * (1.0 + tau[:, None, None] / 1000.0) + w_lab[labels])
+    return GM(means, jnp.sin(means.sum(-1)), jnp.full((x.shape[0], 1, 1), -0.5))
+
+x = jax.random.normal(jax.random.PRNGKey(1), (n, c))
+labels = jnp.arange(n) % 10
+tau = jnp.linspace(100.0, 900.0, n)
+teacher = piflow.gmflow_teacher(denoise, guidance=0.4, null_label=10, guidance_interval=(0.0, 600.0))
+calls = {
+    "sampler": lambda x, tau, labels: solvers._Denoiser(denoise, labels, True, 10)(x, 0.5),
+    "pi-Flow teacher": teacher,
+}
+for name, fn in calls.items():
+    args = [jax.device_put(a, batch) for a in (x, tau, labels)]
+    compiled = jax.jit(fn).lower(*args).compile()
+    hlo = compiled.as_text()
+    moved = [op for op in ("all-to-all", "collective-permute", "all-gather", "all-reduce") if op in hlo]
+    assert not moved, (name, moved)
+    got, want = compiled(*args), fn(x, tau, labels)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+print("ok")
+"""
+
+
+def test_guidance_pairs_keep_each_example_on_its_device():
+    """The conditional and unconditional halves of a guided evaluation (the sampler's, the pi-Flow teacher's) are
+    laid out example by example: on 8 devices with the batch sharded, the compiled call moves no data between
+    devices (concatenating the halves moved half of every shard), and gives the unsharded call's values."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", _PAIRS_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
+        result.stdout[-2000:] + result.stderr[-3000:]
+    )
+
+
+def test_split_pairs_inverts_guidance_pairs():
+    a, b = np.arange(12.0).reshape(3, 2, 2), -np.arange(12.0).reshape(3, 2, 2)
+    pairs = solvers.guidance_pairs(jnp.asarray(a), jnp.asarray(b))
+    np.testing.assert_array_equal(np.asarray(pairs)[1::2], b)
+    np.testing.assert_array_equal(np.asarray(pairs)[0::2], a)
+    back = solvers.split_pairs({"x": pairs})
+    np.testing.assert_array_equal(back[0]["x"], a)
+    np.testing.assert_array_equal(back[1]["x"], b)
