@@ -428,6 +428,21 @@ def check_compatible(directory: str, step: int, abstract_state: Any, config: dic
     )
 
 
+def check_resumable(directory: str, abstract_state: Any, config: dict[str, Any]) -> None:
+    """``IncompatibleCheckpointError`` when the newest intact step in ``directory`` was written by another
+    model (``check_compatible``: metadata only). The trainer asks before it compiles its step, so a mistyped
+    flag costs seconds, not a compile; damaged or unreadable steps are left to ``restore_latest``."""
+    for step in reversed(list_steps(directory)):
+        if verify_step(directory, step) is None:
+            try:
+                check_compatible(directory, step, abstract_state, config)
+            except IncompatibleCheckpointError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable metadata: restore_latest decides what it means
+                pass
+            return
+
+
 @contextlib.contextmanager
 def _quiet_async_read_errors() -> Iterator[None]:
     """Drops the echoes ('Event loop is closed', errors of abandoned coroutines) that a failed orbax

@@ -155,6 +155,7 @@ def train(
         with StopRequest(config.checkpoint.preemption_check_every, fence) as stop:
             setup = setup_state(config, mesh)
             logging.info("model: %s parameters", f"{setup.num_params():,}")
+            _refuse_another_models_checkpoint(config, setup, workdir)
             step_fn = _compile_step(config, setup, mesh, teacher)
             iterator = make_data_iterator(config, source, mesh, data_dir)
             ckpt = ckpt_lib.Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
@@ -206,6 +207,21 @@ def _refuse_fresh_start_in_used_workdir(workdir: epath.Path) -> None:
             f"{workdir} held checkpoints before (see {ckpt_lib.DAMAGED_DIR}/ and {ckpt_lib.MANIFEST_DIR}/) "
             "but has none left to resume from; refusing to start over from step 0. Pass --restart_from_scratch "
             "to set the old files aside and start a new run here, or use a new --workdir."
+        )
+
+
+def _refuse_another_models_checkpoint(config: ml_collections.ConfigDict, setup: StateSetup, workdir) -> None:
+    """``IncompatibleCheckpointError`` before the compile (on every process alike) when the workdir's newest
+    intact checkpoint was written by another model; the restore checks each step again."""
+    error = None
+    try:
+        config_dict = json.loads(config.to_json_best_effort())
+        ckpt_lib.check_resumable(workdir / ckpt_lib.CHECKPOINT_DIR, setup.abstract.to_dict(), config_dict)
+    except ckpt_lib.IncompatibleCheckpointError as e:
+        error = e
+    if not agree(error is None):
+        raise error or ckpt_lib.IncompatibleCheckpointError(
+            f"another process found a checkpoint of another model in {workdir}; nothing was changed."
         )
 
 

@@ -47,9 +47,11 @@ def test_resume_with_another_model_changes_nothing(tmp_path, data_dir):
     before = snapshot(work)
     for flag in ("--config.model.hidden_size=64", "--config.model.num_gaussians=8", "--config.model.depth=2"):
         for _attempt in range(2):  # the user's try, then a scheduler's automatic retry: the same answer
-            line = error_line(run(dit(work, data_dir, "--config.num_steps=60", flag)), 1)
+            result = run(dit(work, data_dir, "--config.num_steps=60", flag))
+            line = error_line(result, 1)
             field = flag.split("=")[0].removeprefix("--config.")
             assert re.search(rf"{field} \d+ → \d+", line) and "Nothing was changed" in line, line
+            assert "compiled the train step" not in result.stdout  # told before the compile
             assert snapshot(work) == before  # no file moved, rewritten or added
     out = ok(run(dit(work, data_dir, "--config.num_steps=60")))  # the corrected command resumes
     assert "resumed from" in out and "at step 40" in out
