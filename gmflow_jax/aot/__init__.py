@@ -306,11 +306,7 @@ SAMPLER_LEVERS = "try a smaller --sampler_batch_per_device."
 
 
 def _compile(lowered: Any, what: str, levers: str) -> Any:
-    """``lowered.compile()``; the TPU compiler's out-of-memory error becomes ``DoesNotFit`` naming the shortfall.
-    JAX's persistent compilation cache (``JAX_COMPILATION_CACHE_DIR``) is off meanwhile: an executable for a
-    topology without its chips cannot be loaded back here, so an entry would only be written and warned about."""
-    cached = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
+    """``lowered.compile()``; the TPU compiler's out-of-memory error becomes ``DoesNotFit`` naming the shortfall."""
     try:
         return lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -324,8 +320,6 @@ def _compile(lowered: Any, what: str, levers: str) -> Any:
             f"the {what} does not fit: its {m.group(1)} alone need {need:.2f} GiB per device, "
             f"{need - have:.2f} GiB more than the {have:.2f} GiB of HBM available; {levers}"
         ) from e
-    finally:
-        jax.config.update("jax_enable_compilation_cache", cached)
 
 
 def _gib(n: float) -> str:

@@ -18,6 +18,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile only: no local accelerator is needed or probed
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from gmflow_jax import aot, cli  # noqa: E402
@@ -41,6 +42,9 @@ flags.DEFINE_bool("guided", True, "Guided sampling (conditional and unconditiona
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) off: an executable for a topology without its
+    # chips cannot be loaded back on this machine; an entry would only be written, then warned about when read.
+    jax.config.update("jax_enable_compilation_cache", False)
     if FLAGS.config is None or not FLAGS.topology:
         raise app.UsageError("--config and --topology are required.")
     config = FLAGS.config
