@@ -32,7 +32,7 @@ from gmflow_jax.flow import TAU_SCALE, to_tau
 from gmflow_jax.gm import gm_mean
 from gmflow_jax.models.factory import build_model, data_shape, split_params
 from gmflow_jax.models.gmdit import DIT_SIZES
-from gmflow_jax.sharding import check_rules, tree_shardings
+from gmflow_jax.sharding import batch_spec_sharding, check_rules, tree_shardings
 from gmflow_jax.solvers import guidance_pairs, split_pairs
 from gmflow_jax.utilization import gmdit_forward_flops
 
@@ -203,8 +203,12 @@ def teacher_velocity(teacher: TeacherSetup, params: Any, dcfg: Any) -> piflow.Te
     σ = τ/1000 lies in ``dcfg.guidance_interval``."""
     null = int(teacher.config.model.num_classes)
     lo, hi = (float(v) * TAU_SCALE for v in dcfg.guidance_interval)
+    batch = batch_spec_sharding(jax.tree.leaves(teacher.abstract)[0].sharding.mesh)
 
     def net(x, tau, labels):
+        # the states come from inside the policy's sub-step loop, where XLA loses their batch layout: unpinned,
+        # it ran the teacher on the whole batch on every device, its activations summed over the FSDP shards
+        x, tau, labels = (jax.lax.with_sharding_constraint(a, batch) for a in (x, tau, labels))
         return nnx.merge(teacher.graphdef, params).net(x, tau, labels)
 
     if not teacher.flow_matching:
