@@ -3,7 +3,8 @@
 Batch 4096, 200K iterations, AdamW 2e-4 (1000-step warm-up from 0.001×), betas (0.9, 0.95),
 weight decay 0.05, gradient clip 10 from step 1000, bf16 compute, λ = 0.5, logit-normal t, loss
 weight 2, SpectrumMLP (weight 1), label dropout 0.1, FSDP over the 'fsdp' mesh axis; remat policy
-'minimal' (the blocks' matmul outputs kept: docs/performance.md §7; on v4-32 use grad_accum_steps=4).
+'none' (every activation kept: the fastest, and it fits v5p-64 at 4096, docs/performance.md §7; on chips with
+less memory, e.g. v4-32, use remat_policy='full' or 'minimal' with grad_accum_steps=4).
 
 Needs the ``imagenet_latents`` dataset (256² ADM crops, 32×32×4 latents), built once with
 ``python -m gmflow_jax.data.build_imagenet``; set ``--config.model.vae`` to the VAE folder it was encoded
@@ -45,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.num_gaussians = 8
     c.model.logstd_inner_dim = 1024
     c.model.dtype = "bfloat16"
-    c.model.remat_policy = "minimal"  # the fastest that fits (docs/benchmarks.md, remat policies)
+    c.model.remat_policy = "none"  # the fastest; fits v5p-64 at 4096 (docs/benchmarks.md, remat policies)
     c.model.spectrum = True
     c.model.spectrum_base_size = (32, 32)
     c.loss.trans_ratio = 0.5
