@@ -98,6 +98,7 @@ class Checkpointer:
         self._keep = keep
         self._async = async_save
         self._unmanifested: list[int] = []
+        self._newest_saved = -1  # a manifest above it is another trainer's (one that took the workdir over)
         self._failed = False
         self._mngr = self._manager()
 
@@ -126,6 +127,7 @@ class Checkpointer:
         args = ocp.args.Composite(**items)
         self._mngr.save(step, args=args, force=True)
         self._unmanifested.append(step)
+        self._newest_saved = max(self._newest_saved, step)
         if not self._async:
             self._finish_previous()
 
@@ -143,9 +145,10 @@ class Checkpointer:
                 if step in present:
                     sizes = file_sizes(self.directory / str(step))
                     write_atomic(self.manifest_dir / f"{step}.json", json.dumps(sizes, indent=0, sort_keys=True))
+            present = set(list_steps(self.directory))  # again: this process may have been stopped meanwhile
             for path in list(self.manifest_dir.iterdir()):  # drop manifests of steps orbax has deleted
                 stem = path.name.split(".")[0]
-                if stem.isdigit() and int(stem) not in present:
+                if stem.isdigit() and int(stem) not in present and int(stem) <= self._newest_saved:
                     path.unlink()
         self._unmanifested = []
 

@@ -189,3 +189,16 @@ def test_a_weights_only_checkpoint_is_not_resumed(tmp_path):
     full = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state(0))
     with pytest.raises(ckpt.IncompatibleCheckpointError, match=r"holds weights only .*--config\.init_from"):
         ckpt.check_compatible(directory, 0, full, {})
+
+
+def test_manifests_of_a_newer_trainer_are_never_pruned(tmp_path):
+    """A trainer prunes the manifests of its own deleted steps only: one stopped for a while and taken over
+    (docs/reliability.md) must not delete the manifests of the new holder's later steps when it resumes."""
+    writer = ckpt.Checkpointer(str(tmp_path), keep=1, async_save=False)
+    writer.save(1, state(1), b'{"pos": 0}', {"step": 1, "config": {}})
+    manifests = tmp_path / ckpt.MANIFEST_DIR
+    (manifests / "7.json").write_text("{}")  # the new holder's step 7 (its files elsewhere, or not yet listed)
+    (manifests / "0.json").write_text("{}")  # an older step of this trainer's, deleted: pruned
+    writer.save(2, state(2), b'{"pos": 0}', {"step": 2, "config": {}})  # keep=1: orbax deletes step 1
+    writer.close()
+    assert sorted(p.name for p in manifests.iterdir()) == ["2.json", "7.json"]
