@@ -145,9 +145,9 @@ class Checkpointer:
                 if step in present:
                     sizes = file_sizes(self.directory / str(step))
                     write_atomic(self.manifest_dir / f"{step}.json", json.dumps(sizes, indent=0, sort_keys=True))
-            present = set(list_steps(self.directory))  # again: this process may have been stopped meanwhile
             for path in list(self.manifest_dir.iterdir()):  # drop manifests of steps orbax has deleted
                 stem = path.name.split(".")[0]
+                # only this trainer's own: one stopped in here and woken after a takeover sees a stale `present`
                 if stem.isdigit() and int(stem) not in present and int(stem) <= self._newest_saved:
                     path.unlink()
         self._unmanifested = []
