@@ -242,7 +242,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, choices=[8, 32])
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds ours, reference, ...")
-    parser.add_argument("--steps", type=int, default=3, help="timed calls per round (after one untimed call)")
+    parser.add_argument("--steps", type=int, default=5, help="timed calls per round (after one untimed call)")
     parser.add_argument("--cpu", type=int, default=1, help="core both workers are pinned to (-1: no pinning)")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)  # internal
     args = parser.parse_args()
