@@ -11,6 +11,10 @@ import time
 
 import jax
 
+from gmflow_jax.cli import keep_cpu_reductions_in_xla
+
+keep_cpu_reductions_in_xla()  # the XLA:CPU setting of the project's commands (docs/performance.md §8)
+
 
 def machine() -> str:
     """CPU model, core count and JAX devices, for the benchmark record."""

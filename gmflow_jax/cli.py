@@ -9,6 +9,7 @@ override or a config file that does not load; one such line (exit 1) for the err
 Importing it sets ``JAX_PLATFORMS`` on a machine without TPU device files, unless the user set it
 (``skip_tpu_probe``): JAX would otherwise load libtpu (a test dependency) to look for a TPU, and libtpu
 prints "could not determine TPU accelerator type" and an ``E0000 ... unexpected worker hostname`` error.
+It also keeps XLA:CPU's reductions in XLA's own code (``keep_cpu_reductions_in_xla``).
 """
 
 from __future__ import annotations
@@ -76,6 +77,32 @@ def skip_tpu_probe() -> None:
 
 
 skip_tpu_probe()
+
+# jaxlib 0.10's XLA:CPU hands reductions (softmax, LayerNorm statistics, the pi-Flow policy's sums over its
+# K Gaussians) to YNNPACK library fusions, whose fixed cost per call dominates on the small arrays of a
+# sampler's or a policy rollout's loop: without them the digits pi-Flow step is 1.7x faster, a policy
+# rollout 4.5x (docs/performance.md §8). YNNPACK keeps the matmuls.
+CPU_REDUCTIONS_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+
+
+def keep_cpu_reductions_in_xla() -> None:
+    """Adds ``CPU_REDUCTIONS_FLAG`` to ``XLA_FLAGS`` unless they name ``xla_cpu_experimental_ynn_fusion_type``
+    (``+reduce`` gives the library default back) or jaxlib is not 0.10 (where the flag is measured); only
+    XLA:CPU reads it, when JAX's CPU backend starts (idempotent)."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn_fusion_type" in flags_now or not _jaxlib_version().startswith("0.10."):
+        return
+    os.environ["XLA_FLAGS"] = f"{flags_now} {CPU_REDUCTIONS_FLAG}".strip()
+
+
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+keep_cpu_reductions_in_xla()
 
 _QUIET_PATHS = ("/orbax/", "/grain/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
 _QUIET_LOGGERS = ("jax._src.xla_bridge",)  # "Unable to initialize backend 'tpu'" on every CPU/GPU run

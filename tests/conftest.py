@@ -30,6 +30,10 @@ os.environ.setdefault("GMFLOW_JAX_CACHE", str(Path(__file__).resolve().parents[1
 # it an entry is written in place while another process may read it).
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "xla"))
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+# The XLA:CPU setting of the project's commands, so that a test's own compiles match its subprocesses'.
+from gmflow_jax.cli import keep_cpu_reductions_in_xla  # noqa: E402
+
+keep_cpu_reductions_in_xla()
 
 
 def _import_torchvision() -> None:

@@ -76,3 +76,36 @@ def test_the_users_jax_platforms_is_kept():
     env = dict(os.environ, JAX_PLATFORMS="")  # '' = JAX's own choice
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0 and result.stdout.strip() in ("", "None"), result.stderr[-3000:]
+
+
+# A softmax's reductions, compiled by XLA:CPU: what the flag moves out of YNNPACK.
+SOFTMAX_HLO = (
+    "import jax, jax.numpy as jnp; from gmflow_jax import cli; x = jnp.ones((64, 8, 8, 32));"
+    " f = jax.jit(lambda x: jnp.sum(jnp.exp(x - jnp.max(x, -1, keepdims=True)), -1));"
+    " print(f.lower(x).compile().as_text().count('__ynn_fusion'))"
+)
+
+
+@pytest.mark.parametrize(
+    ("user_flags", "expected_flags", "ynn_fusions"),
+    [
+        ("", cli.CPU_REDUCTIONS_FLAG, 0),
+        (
+            "--xla_force_host_platform_device_count=2",
+            f"--xla_force_host_platform_device_count=2 {cli.CPU_REDUCTIONS_FLAG}",
+            0,
+        ),
+        ("--xla_cpu_experimental_ynn_fusion_type=+reduce", "--xla_cpu_experimental_ynn_fusion_type=+reduce", 1),
+    ],
+)
+def test_cpu_reductions_stay_in_xla_unless_the_user_says(monkeypatch, user_flags, expected_flags, ynn_fusions):
+    monkeypatch.setenv("XLA_FLAGS", user_flags)
+    cli.keep_cpu_reductions_in_xla()
+    cli.keep_cpu_reductions_in_xla()  # idempotent
+    assert os.environ["XLA_FLAGS"] == expected_flags
+    # JAX imported first, the shared module before the backend starts (as the commands do); the library default
+    # (+reduce) puts the softmax in a YNNPACK fusion: when a jaxlib stops doing so, the flag can go
+    env = dict(os.environ, XLA_FLAGS=user_flags, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SOFTMAX_HLO], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) == ynn_fusions
