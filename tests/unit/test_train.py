@@ -86,7 +86,10 @@ def test_grad_accumulation_equals_one_step_at_the_whole_batch():
         for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(final[1][0].params), strict=True)
     )
     assert moved > 10 * config.optim.lr  # ten AdamW steps at lr 2e-4 moved the weights
-    assert_trees_close(final[1], final[4], rtol=1e-3)  # every leaf, the attention key bias included
+    # every leaf, the attention key bias included. AdamW moves an element by about lr a step whatever its
+    # gradient's size, so where a gradient is at float32 round-off the summation order (micro-batches, XLA's
+    # reductions) decides that element's steps: allow 0.1 % of the ten steps' reach, 10 · lr · 1e-3
+    assert_trees_close(final[1], final[4], rtol=1e-3, atol=10 * config.optim.lr * 1e-3)
     for k in (1, 4):  # its exact gradient is 0: left out of the update, it keeps its initial value
         key_bias = final[k][0].params["net"]["blocks"][0]["attn"]["key"]["bias"]
         np.testing.assert_array_equal(key_bias, state.params["net"]["blocks"][0]["attn"]["key"]["bias"])
