@@ -44,6 +44,23 @@ def import_clu() -> tuple[types.ModuleType, types.ModuleType]:
     return metric_writers, periodic_actions
 
 
+def _import_tensorboardx() -> tuple[type, types.ModuleType]:
+    """``(tensorboardX.SummaryWriter, tensorboardX.record_writer)``, imported without PyTorch.
+
+    tensorboardX imports torch whenever it is installed, only to accept ``torch.Tensor`` values (the writer here
+    passes NumPy): 2–4 s of every trainer's start-up on a host with torch. torch is hidden from that one import
+    unless something has loaded it already; a later ``import torch`` works as usual."""
+    if "tensorboardX.writer" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # ``import torch`` raises ImportError, which tensorboardX handles
+        try:
+            import tensorboardX.writer  # noqa: F401
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter, record_writer
+
+    return SummaryWriter, record_writer
+
+
 def _tensorboardx_writer_class(base: type) -> type:
     """Builds ``TensorBoardXWriter(base)``; ``base`` is clu's ``MetricWriter``."""
 
@@ -51,8 +68,7 @@ def _tensorboardx_writer_class(base: type) -> type:
         """clu ``MetricWriter`` writing TensorBoard event files with tensorboardX (no TensorFlow)."""
 
         def __init__(self, logdir: str, may_flush: Callable[[], bool] = lambda: True):
-            from tensorboardX import SummaryWriter, record_writer
-
+            SummaryWriter, record_writer = _import_tensorboardx()
             from gmflow_jax.storage import URL_SCHEMES
 
             for scheme in URL_SCHEMES:

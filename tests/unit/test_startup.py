@@ -1,4 +1,5 @@
-"""Start-up of the command lines: no libtpu probe (and its alarming messages) on a machine without a TPU."""
+"""Start-up of the command lines: no libtpu probe (and its alarming messages) on a machine without a TPU, no PyTorch
+imported for the TensorBoard writer."""
 
 from __future__ import annotations
 
@@ -109,3 +110,23 @@ def test_cpu_reductions_stay_in_xla_unless_the_user_says(monkeypatch, user_flags
     result = subprocess.run([sys.executable, "-c", SOFTMAX_HLO], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) == ynn_fusions
+
+
+def test_the_tensorboard_writer_does_not_import_torch(tmp_path):
+    pytest.importorskip("torch")  # on a host with torch: tensorboardX imports it unless it is hidden
+    code = f"""
+import sys
+from gmflow_jax.train.writers import create_writer
+writer = create_writer({str(tmp_path)!r})
+writer.write_scalars(3, {{"loss": 0.5}})
+writer.write_images(3, {{"samples": __import__("numpy").zeros((2, 4, 4, 3), "uint8")}})
+writer.close()
+print("torch" in sys.modules)
+import torch
+print(torch.zeros(2).numpy().tolist())
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[:2] == ["False", "[0.0, 0.0]"], result.stdout
+    (events,) = tmp_path.glob("*tfevents*")
+    assert events.stat().st_size > 0
