@@ -48,8 +48,8 @@ def _import_tensorboardx() -> tuple[type, types.ModuleType]:
     """``(tensorboardX.SummaryWriter, tensorboardX.record_writer)``, imported without PyTorch.
 
     tensorboardX imports torch whenever it is installed, only to accept ``torch.Tensor`` values (the writer here
-    passes NumPy): 2–4 s of every trainer's start-up on a host with torch. torch is hidden from that one import
-    unless something has loaded it already; a later ``import torch`` works as usual."""
+    passes NumPy): 4–5 s of every trainer's start-up on a host with torch (docs/benchmarks.md). torch is hidden
+    from that one import unless something has loaded it already; a later ``import torch`` works as usual."""
     if "tensorboardX.writer" not in sys.modules and "torch" not in sys.modules:
         sys.modules["torch"] = None  # ``import torch`` raises ImportError, which tensorboardX handles
         try:
