@@ -68,6 +68,11 @@ class Reference:
                 f"reference {self.path} was made with the feature network {self.feature_network!r}, the samples' "
                 f"features with {net.name!r}"
             )
+        self.check_samples(preprocessing, resolution)
+
+    def check_samples(self, preprocessing: str, resolution: tuple[int, int]) -> None:
+        """ValueError naming both sides unless samples of ``resolution`` made with ``preprocessing`` match the
+        reference's images (the part of :meth:`check_compatible` that needs no feature network)."""
         if self.preprocessing != preprocessing:
             raise ValueError(
                 f"reference {self.path} was made with preprocessing {self.preprocessing!r}, the samples are "

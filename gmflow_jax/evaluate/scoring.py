@@ -17,7 +17,7 @@ from etils import epath
 from gmflow_jax.cache import local_copy
 from gmflow_jax.evaluate import metrics
 from gmflow_jax.evaluate.features import FeatureNetwork, cached_features, feature_network
-from gmflow_jax.evaluate.reference import Reference, needs_inception, recorded_network
+from gmflow_jax.evaluate.reference import Reference, load_reference, needs_inception, recorded_network
 from gmflow_jax.storage import open_npz, workdir_path
 
 METRIC_KEYS = ("fid", "sfid", "is", "is_std", "precision", "recall", "saturation")
@@ -111,6 +111,21 @@ def _is_reference_of(path: epath.Path, net: FeatureNetwork) -> bool:
         return "feature_network" in f.files and str(f["feature_network"][()]) == net.name
 
 
+def _enough_samples(ref: Reference, num_samples: int, allow_fewer: bool, ref_path: str | None) -> bool:
+    """Whether ``num_samples`` meet ``ref``'s protocol (or ``allow_fewer``); too few is a ValueError with an explicit
+    reference (``ref_path``), a note for the digits default."""
+    if num_samples >= ref.min_samples or allow_fewer:
+        return True
+    why = (
+        f"--num_samples={num_samples} is fewer than the {ref.min_samples} samples the reference's protocol needs "
+        "(metrics from fewer samples are biased: FID rises); add --allow_fewer_samples"
+    )
+    if ref_path:
+        raise ValueError(why)
+    print(f"note: no metrics: {why}", flush=True)
+    return False
+
+
 def input_transform_for(ref_path: str | None, asked: str | None) -> tuple[str, bool]:
     """(the Inception's input transform, whether the reference needs the Inception) for comparing samples with the
     reference file ``ref_path`` (local): the reference's own transform ('tf' for an ADM batch), else ``asked``, else
@@ -141,19 +156,19 @@ def prepare(
     samples for the reference's protocol: an error with ``--ref``, a note (samples only) for the digits default."""
     ref_path = local_copy(ref_path) if ref_path else None
     transform, use_inception = input_transform_for(ref_path, input_transform)
-    net = feature_network(inception, samples_preprocessing(sampler.config), feature_batch, transform, use_inception)
+    preprocessing = samples_preprocessing(sampler.config)
+    factor = sampler.vae.config.downsample_factor if sampler.config.model.get("vae", "") else 1
+    resolution = tuple(d * factor for d in sampler.data_shape[:2])
+    ours = None  # a reference of ours is checked before the feature network is built (the Inception: seconds)
+    if ref_path and recorded_network(ref_path)[0] != "adm":
+        ours = load_reference(ref_path, None, out)
+        ours.check_samples(preprocessing, resolution)
+        _enough_samples(ours, num_samples, allow_fewer, ref_path)
+    net = feature_network(inception, preprocessing, feature_batch, transform, use_inception)
     if net is None:
         return None, None
-    ref = reference_for(ref_path, net, sampler.config, out)
-    factor = sampler.vae.config.downsample_factor if sampler.config.model.get("vae", "") else 1
-    ref.check_compatible(net, samples_preprocessing(sampler.config), tuple(d * factor for d in sampler.data_shape[:2]))
-    if num_samples < ref.min_samples and not allow_fewer:
-        why = (
-            f"--num_samples={num_samples} is fewer than the {ref.min_samples} samples the reference's protocol needs "
-            "(metrics from fewer samples are biased: FID rises); add --allow_fewer_samples"
-        )
-        if ref_path:
-            raise ValueError(why)
-        print(f"note: no metrics: {why}", flush=True)
+    ref = ours or reference_for(ref_path, net, sampler.config, out)
+    ref.check_compatible(net, preprocessing, resolution)
+    if not _enough_samples(ref, num_samples, allow_fewer, ref_path):
         return None, None
     return net, ref

@@ -13,7 +13,6 @@ import sys
 import threading
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from train_helpers import error_line, run
@@ -171,6 +170,18 @@ def inception_file(tmp_path_factory) -> Path:
     return path
 
 
+def frechet_distance_by_eigenvalues(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """The Fréchet distance of N(mean, covariance of ``features`` (N, D)) to N(``mu``, ``sigma``) in float64, its
+    trace term from the eigenvalues of the symmetric S^½ Σ S^½ (similar to S Σ, so tr (S Σ)^½ is the sum of their
+    roots): a route independent of ``scipy.linalg.sqrtm`` and ten times faster at D = 2048."""
+    x = np.asarray(features, np.float64)
+    m, s = x.mean(0), np.cov(x, rowvar=False)
+    w, v = np.linalg.eigh(s)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma @ root), 0, None)).sum()
+    return float(np.sum((m - mu) ** 2) + np.trace(s) + np.trace(sigma) - 2 * trace_root)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args) -> None:
         pass
@@ -208,15 +219,17 @@ def test_inception_path_with_our_reference(workdir, inception_file, inception_ur
     (row,) = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert row["feature_network"] == f"inception-v3-fid:{inception_file.name}:tf" and row["sfid"] is not None
 
-    # the same FID and sFID from the network called directly on samples.npz and the reference's statistics
+    # the same FID and sFID from the network called on samples.npz (in batches of 8: the evaluation's program, from
+    # the compilation cache) and the reference's statistics, the distance by eigenvalues (not the library's sqrtm)
+    from gmflow_jax.evaluate.features import ShardedNetwork
     from gmflow_jax.evaluate.inception import InceptionV3
 
-    net = InceptionV3.from_pytorch_fid(inception_file)  # the "tf" input path: the reference's
+    net = ShardedNetwork(InceptionV3.from_pytorch_fid(inception_file), 8)  # the "tf" input path: the reference's
     with np.load(row["samples"]) as f:
-        feats = jax.jit(lambda x: net(x))(f["arr_0"])
+        feats = net(f["arr_0"])
     with np.load(tmp_path / "ref.npz") as ref:
-        fid = metrics.frechet_distance(*metrics.feature_statistics(feats["pool"]), ref["mu"], ref["sigma"])
-        sfid = metrics.frechet_distance(*metrics.feature_statistics(feats["spatial"]), ref["mu_s"], ref["sigma_s"])
+        fid = frechet_distance_by_eigenvalues(feats["pool"], ref["mu"], ref["sigma"])
+        sfid = frechet_distance_by_eigenvalues(feats["spatial"], ref["mu_s"], ref["sigma_s"])
     assert row["fid"] == pytest.approx(fid, rel=1e-4) and row["sfid"] == pytest.approx(sfid, rel=1e-4)
 
     # a reference of other preprocessing is refused before anything is drawn, naming both
