@@ -33,8 +33,10 @@ lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/shellcheck launch/*.sh launch/*.sbatch
 
+# Whole files to 2 workers in collection order (pyproject.toml: the integration files first); xdist's default
+# order (files with the most tests first) starts the few-test, several-minute files last.
 test: lint
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .ruff_cache
