@@ -39,6 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.batch_size = 4096
     c.mesh = (1, -1)
     c.sharding = fsdp_rules()
+    c.windowed_einsum = False  # TPU: faster by the compiler's cost model, and less memory (docs/benchmarks.md)
     c.model.arch = "XL/2"
     c.model.input_size = 32
     c.model.in_channels = 4

@@ -7,10 +7,10 @@ devices, no data), and reads XLA's per-device memory and FLOP figures. ``compile
 the same for the sampler's compiled function. ``python -m gmflow_jax.aot`` prints the report.
 
 XLA's cost analysis counts a loop body once. The train step's FLOPs are the step's only when its
-program has no loops (no FSDP collective-matmul loops);
-otherwise the report says the figure is a lower bound. The sampler scans over its steps, so its
-FLOPs are those of one solver step (plus the one-off noise draw), which is what the solver's share
-is computed from.
+program has no loops (no FSDP collective-matmul loops: ``config.windowed_einsum = False``, the ImageNet
+recipes' setting, keeps them out); otherwise the report says the figure is a lower bound. The sampler
+scans over its steps, so its FLOPs are those of one solver step (plus the one-off noise draw), which is
+what the solver's share is computed from.
 
 The predicted times come from the TPU compiler's own cost model: libtpu's ``cost_analysis()`` has
 ``'optimal_seconds'``, its estimate of the program's run time (CPU and GPU compiles have none: the

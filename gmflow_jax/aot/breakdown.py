@@ -3,7 +3,8 @@
 ``compile_parts(config, devices)`` builds each part of the trainer's step as its own program, with the
 step's mesh, parameter shardings and global batch (split over the whole mesh, as the step takes it), and
 prices it with the same cost model as the whole step (``Compiled.estimated_seconds``: the TPU compiler's
-``'optimal_seconds'``, custom calls it cannot price left out). A GMFlow step's parts:
+``'optimal_seconds'``, custom calls it cannot price left out), with the step's XLA options. A GMFlow
+step's parts:
 
 * the network forward (listed for reference: the forward + backward contains it),
 * the network forward + backward (the vector-Jacobian product of its GM output, remat policy included),
@@ -59,11 +60,15 @@ def _shapes(tree: Any, sharding: Any) -> Any:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def _part(name: str, fn: Callable[..., Any], args: tuple, count: int = 1, in_sum: bool = True) -> Part:
-    return Part(name, Compiled.of(_compile(jax.jit(fn).lower(*args), name, STEP_LEVERS)), count, in_sum)
+def _part(name: str, fn: Callable[..., Any], args: tuple, options: Any, count: int = 1, in_sum: bool = True) -> Part:
+    """``fn`` compiled for ``args`` with the step's XLA ``options`` (``train.step.compiler_options``)."""
+    compiled = _compile(jax.jit(fn, compiler_options=options).lower(*args), name, STEP_LEVERS)
+    return Part(name, Compiled.of(compiled), count, in_sum)
 
 
-def _network_parts(graphdef: nnx.GraphDef, params: Any, inputs: tuple, what: str, count: int) -> list[Part]:
+def _network_parts(
+    graphdef: nnx.GraphDef, params: Any, inputs: tuple, what: str, count: int, options: Any
+) -> list[Part]:
     """The forward and the forward + backward (a VJP of the GM output) of the model ``graphdef``'s network."""
 
     def forward(p, x, tau, labels):
@@ -77,12 +82,12 @@ def _network_parts(graphdef: nnx.GraphDef, params: Any, inputs: tuple, what: str
         return vjp(cot)[0]
 
     return [
-        _part(f"{what} forward", forward, (params, *inputs), count, in_sum=False),
-        _part(f"{what} forward + backward", forward_backward, (params, cotangent, *inputs), count),
+        _part(f"{what} forward", forward, (params, *inputs), options, count, in_sum=False),
+        _part(f"{what} forward + backward", forward_backward, (params, cotangent, *inputs), options, count),
     ]
 
 
-def _optimizer_part(config: Any, setup: Any) -> Part:
+def _optimizer_part(config: Any, setup: Any, options: Any) -> Part:
     """clip + AdamW + apply + EMA on the state's shardings (the gradients laid out like the parameters)."""
     from gmflow_jax.train.state import ema_update
 
@@ -93,7 +98,7 @@ def _optimizer_part(config: Any, setup: Any) -> Part:
 
     s = setup.abstract
     beta = jax.ShapeDtypeStruct((), jnp.float32, sharding=s.step.sharding)
-    return _part("optimizer + EMA update", update, (s.params, s.ema, s.opt_state, s.params, beta))
+    return _part("optimizer + EMA update", update, (s.params, s.ema, s.opt_state, s.params, beta), options)
 
 
 def compile_parts(config: Any, devices: Sequence[Any]) -> list[Part]:
@@ -101,6 +106,7 @@ def compile_parts(config: Any, devices: Sequence[Any]) -> list[Part]:
     from gmflow_jax.train.config import validate_config
     from gmflow_jax.train.distill import setup_teacher
     from gmflow_jax.train.state import setup_state
+    from gmflow_jax.train.step import compiler_options
 
     validate_config(config)
     if config.model.kind != "gmdit":
@@ -117,15 +123,16 @@ def compile_parts(config: Any, devices: Sequence[Any]) -> list[Part]:
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated(mesh))
     params = setup.abstract.params
     what = "network" if teacher is None else "student"
-    parts = _network_parts(setup.graphdef, params, (x, vec, labels), what, k)
+    options = compiler_options(config, mesh)
+    parts = _network_parts(setup.graphdef, params, (x, vec, labels), what, k, options)
     if teacher is None:
-        parts += _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k)
+        parts += _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k, options)
     else:
-        parts += _distill_parts(config, setup, teacher, x, vec, labels, key, k)
-    return [*parts, _optimizer_part(config, setup)]
+        parts += _distill_parts(config, setup, teacher, x, vec, labels, key, k, options)
+    return [*parts, _optimizer_part(config, setup, options)]
 
 
-def _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k) -> list[Part]:
+def _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k, options) -> list[Part]:
     """The step's draws and the GM loss with its gradient with respect to the GM (and the SpectrumMLP)."""
     from gmflow_jax.losses import sample_t, spectral_loss, transition_nll, transition_pair
     from gmflow_jax.randomness import example_keys, per_example
@@ -163,12 +170,12 @@ def _gmflow_loss_parts(config, setup, params, x, vec, labels, key, k) -> list[Pa
         return jax.value_and_grad(loss)(differentiated, all_params, x_t, x0, t, x_lo, t_lo)
 
     return [
-        _part("draws (t, transition pair, label dropout)", draws, (key, x, labels), k),
-        _part("GM loss + its gradient", gm_loss, (params, gm, x, x, vec, x, vec), k),
+        _part("draws (t, transition pair, label dropout)", draws, (key, x, labels), options, k),
+        _part("GM loss + its gradient", gm_loss, (params, gm, x, x, vec, x, vec), options, k),
     ]
 
 
-def _distill_parts(config, setup, teacher, x, vec, labels, key, k) -> list[Part]:
+def _distill_parts(config, setup, teacher, x, vec, labels, key, k, options) -> list[Part]:
     """The segment draws, the teacher's forwards and the policy rollouts with the pi-ID loss."""
     from gmflow_jax import piflow
     from gmflow_jax.randomness import example_keys
@@ -217,14 +224,17 @@ def _distill_parts(config, setup, teacher, x, vec, labels, key, k) -> list[Part]
         return jax.value_and_grad(loss)(gm_arrays)
 
     return [
-        _part("segment draws", draws, (key, x), k),
+        _part("segment draws", draws, (key, x), options, k),
         _part(
             "teacher forward (one intermediate state)",
             teacher_forward,
             (teacher.abstract, x, vec, labels),
+            options,
             k * int(d.num_intermediate_states),
         ),
-        _part("policy rollouts + pi-ID loss + its gradient", rollouts_and_loss, (gm, key, x, vec, vec, labels), k),
+        _part(
+            "policy rollouts + pi-ID loss + its gradient", rollouts_and_loss, (gm, key, x, vec, vec, labels), options, k
+        ),
     ]
 
 

@@ -8,7 +8,10 @@ file starts from ``base_config()`` and changes values. Fields:
 * ``seed``, ``num_steps``, ``batch_size`` (global), ``grad_accum_steps`` (each step's batch split
   into that many micro-batches whose gradients are averaged before one optimizer step),
   ``mesh = (data, fsdp)`` (one may be -1),
-  ``sharding``: logical axis name → mesh axis (``''`` replicated), ``init_from``: a checkpoint
+  ``sharding``: logical axis name → mesh axis (``''`` replicated), ``windowed_einsum`` (TPU: whether XLA
+  may turn FSDP's all-gather / reduce-scatter + matmul pairs into windowed-einsum loops, its collective
+  matmuls; ``False`` keeps them plain collectives, which its scheduler overlaps with other work; other
+  platforms ignore it), ``init_from``: a checkpoint
   (a step directory or a workdir / checkpoint root: its latest step) whose weights start the run.
 * ``data``: ``dataset`` (a name of ``gmflow_jax.data.KNOWN_DATASETS``), ``data_dir`` (``''``:
   ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``), ``read``: ``'per_process'`` (each process
@@ -92,6 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.grad_accum_steps = 1
     c.mesh = (-1, 1)
     c.sharding = replicated_rules()
+    c.windowed_einsum = True  # XLA's default
     c.init_from = ""
 
     c.data = ml_collections.ConfigDict(
@@ -378,6 +382,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         c.grad_accum_steps,
     )
     _need(isinstance(c.mesh, tuple | list) and len(c.mesh) == 2, "mesh", "a tuple (data, fsdp) of ints", c.mesh)
+    _need(isinstance(c.windowed_einsum, bool), "windowed_einsum", "a bool", c.windowed_einsum)
     _need(isinstance(c.init_from, str), "init_from", "a path string ('' for none)", c.init_from)
 
     ds = c.data.dataset

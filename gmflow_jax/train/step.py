@@ -191,10 +191,25 @@ def make_train_step(
 StepFn = Callable[..., tuple[TrainState, Metrics]]
 
 
+# XLA's TPU options that keep FSDP's all-gather / reduce-scatter + matmul pairs out of windowed-einsum loops.
+NO_WINDOWED_EINSUM = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def compiler_options(config: Any, mesh: Mesh) -> dict[str, bool] | None:
+    """The XLA options the step's programs compile with: ``NO_WINDOWED_EINSUM`` for a TPU mesh when
+    ``config.windowed_einsum`` is False, else None (XLA's defaults)."""
+    if config.windowed_einsum or mesh.devices.flat[0].platform != "tpu":
+        return None
+    return dict(NO_WINDOWED_EINSUM)
+
+
 def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh, teacher: distill.TeacherSetup | None = None) -> StepFn:
     """The trainer's compiled step: state sharded as ``setup``, batch split over the whole mesh, the
-    teacher's weights (distillation) as ``teacher.abstract``, the state donated; metrics replicated. The
-    ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
+    teacher's weights (distillation) as ``teacher.abstract``, the state donated; metrics replicated;
+    ``compiler_options``. The ahead-of-time compile (``gmflow_jax.aot``) lowers this same one."""
     in_shardings = (setup.shardings, batch_spec_sharding(mesh))
     if teacher is not None:
         in_shardings += (jax.tree.map(lambda a: a.sharding, teacher.abstract),)
@@ -203,6 +218,7 @@ def jit_train_step(config: Any, setup: StateSetup, mesh: Mesh, teacher: distill.
         in_shardings=in_shardings,
         out_shardings=(setup.shardings, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(config, mesh),
     )
 
 

@@ -264,3 +264,23 @@ def test_distillation_step_compiles_teacher_and_student(devices):
     student.distill.teacher_config = ""
     with pytest.raises(ValueError, match=r"^config\.distill\.nfe=1 makes a pi-Flow student, which trains against"):
         aot.compile_train_step(student, devices)  # no teacher at all: refused, never the GMFlow loss instead
+
+
+def test_windowed_einsum_off_keeps_fsdp_matmuls_out_of_loops():
+    # 8 chips, 2048 rows per chip: XLA turns FSDP's all-gather / reduce-scatter + matmul pairs into windowed-einsum
+    # loops, which the cost model prices once; config.windowed_einsum=False (the ImageNet recipes') compiles the
+    # trainer's step without them, and the CPU step ignores it
+    from gmflow_jax.sharding import make_mesh
+    from gmflow_jax.train.step import compiler_options
+
+    devices = aot.topology_devices("v5p-16")
+
+    def report(windowed):
+        return aot.compile_train_step(
+            tiny(mesh=(1, -1), sharding=fsdp_rules(), batch_size=1024, windowed_einsum=windowed), devices
+        )
+
+    on, off = report(True), report(False)
+    assert on.compiled.loops > 0 and off.compiled.loops == 0
+    assert off.predicted_seconds[0] == off.predicted_seconds[1]  # loop-free: priced in full, no range
+    assert compiler_options(tiny(windowed_einsum=False), make_mesh((-1, 1))) is None  # a CPU mesh
