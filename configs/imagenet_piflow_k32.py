@@ -2,8 +2,9 @@
 XL/2 student with K = 32, distilled by pi-ID (docs/method.md §10) from an ImageNet teacher.
 
 Student: the teacher's XL/2 trunk, K = 32, log-std head of inner width 1024 (2 layers), started from
-the teacher's weights (its GM head tiled); bf16 compute, remat policy 'minimal', FSDP. pi-ID: 1 NFE, 128
-sub-steps, 2 intermediate states, GM dropout 0.05, loss scale 3; teacher guidance 2.7 on σ ∈ [0, 0.6]
+the teacher's weights (its GM head tiled); bf16 compute, remat policy 'none' (the teacher recipe's: 56.6
+of 95 GiB per chip on v5p-64 beside the teacher, 4 % faster than 'minimal', docs/benchmarks.md), FSDP.
+pi-ID: 1 NFE, 128 sub-steps, 2 intermediate states, GM dropout 0.05, loss scale 3; teacher guidance 2.7 on σ ∈ [0, 0.6]
 (the authors' teacher is a flow-matching DiT: CFG 2.7; a GMFlow teacher reads ``distill.guidance`` as
 w̃ ∈ [0, 1), e.g. ``--config.distill.guidance=0.3``). AdamW 5e-5 (the authors use 8-bit AdamW),
 betas (0.9, 0.95), no weight decay, 400-step warm-up, gradient clip 50 from step 400, batch 4096,
@@ -35,7 +36,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"imagenet_piflow_k32 variant must be one of {VARIANTS}; got {arg!r}.")
     c = load_config("imagenet_gmdit_k8")
     c.num_steps = 140_000
-    c.model.remat_policy = "minimal"  # not the teacher recipe's 'none': the teacher's forwards need room beside it
     c.model.num_gaussians = 32
     c.model.logstd_inner_dim = 1024
     c.model.spectrum = False
