@@ -5,14 +5,12 @@ a packaged experiment by name (``'digits_gmdit'``, the files of the repository's
 installed as ``gmflow_jax.configs``) or any file path, with ``get_config(arg)``. Every experiment
 file starts from ``base_config()`` and changes values. Fields:
 
-* ``seed``, ``num_steps``, ``batch_size`` (global), ``grad_accum_steps`` (each step's batch split
-  into that many micro-batches whose gradients are averaged before one optimizer step),
-  ``mesh = (data, fsdp)`` (one may be -1),
-  ``sharding``: logical axis name → mesh axis (``''`` replicated), ``windowed_einsum`` (TPU: whether XLA
-  may turn FSDP's all-gather / reduce-scatter + matmul pairs into windowed-einsum loops, its collective
-  matmuls; ``False`` keeps them plain collectives, which its scheduler overlaps with other work; other
-  platforms ignore it), ``init_from``: a checkpoint
-  (a step directory or a workdir / checkpoint root: its latest step) whose weights start the run.
+* ``seed``, ``num_steps``, ``batch_size`` (global), ``grad_accum_steps`` (each step's batch split into that
+  many micro-batches whose gradients are averaged before one optimizer step), ``mesh = (data, fsdp)`` (one
+  may be -1), ``sharding``: logical axis name → mesh axis (``''`` replicated), ``windowed_einsum`` (TPU only;
+  ``False`` keeps FSDP's collectives out of XLA's windowed-einsum loops, docs/performance.md §9),
+  ``init_from``: a checkpoint (a step directory or a workdir / checkpoint root: its latest step) whose
+  weights start the run.
 * ``data``: ``dataset`` (a name of ``gmflow_jax.data.KNOWN_DATASETS``), ``data_dir`` (``''``:
   ``$GMFLOW_DATA_DIR`` or ``~/tensorflow_datasets``), ``read``: ``'per_process'`` (each process
   reads its own shard) or ``'global'`` (every process reads the whole global batch and keeps its
@@ -23,9 +21,8 @@ file starts from ``base_config()`` and changes values. Fields:
 * ``model``: see ``gmflow_jax.models.factory`` (remat_policy too); ``model.vae``: the diffusers ``AutoencoderKL`` folder
   whose (scaled) latents the model works in, ``''`` for pixel-space data; a relative path is
   relative to the run's workdir (the Sampler decodes with it).
-* ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ,
-  ``t_mode`` ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``,
-  ``label_dropout``.
+* ``loss``: ``objective`` ('gm' transition loss or 'l2' flow matching), ``trans_ratio`` λ, ``t_mode``
+  ('uniform' | 'logit_normal'), ``t_shift``, ``weight``, ``spectral_weight``, ``label_dropout``.
 * ``optim``: AdamW ``lr``, ``b1``, ``b2``, ``eps``, ``weight_decay`` (none on biases),
   ``warmup_steps`` (linear from ``warmup_init_factor × lr``), then constant or, with
   ``decay_steps > 0``, cosine decay to ``final_lr_factor × lr``; ``clip_norm`` (0: off) applied
@@ -42,10 +39,9 @@ file starts from ``base_config()`` and changes values. Fields:
   student sampled with N network evaluations, ``solver='piflow'``), ``teacher`` (the teacher's workdir
   for pi-ID training: any workdir the Sampler reads), ``teacher_config`` (a packaged config, ``name[:arg]``,
   whose model and loss are the teacher's: what ``gmflow_jax.aot`` compiles when no teacher workdir is
-  given), ``total_substeps`` S, ``temperature`` (sampling,
-  all but the last step), ``final_step_size_scale``, ``shift`` (raw time → σ), pi-ID's
-  ``num_intermediate_states``, ``gm_dropout``, ``teacher_ratio`` (decaying linearly to 0 over
-  ``num_decay_iters``), ``window_substeps``, ``scale`` (the loss is scale · ½ · MSE); the teacher's
+  given), ``total_substeps`` S, ``temperature`` (sampling, all but the last step), ``final_step_size_scale``,
+  ``shift`` (raw time → σ), pi-ID's ``num_intermediate_states``, ``gm_dropout``, ``teacher_ratio`` (decaying
+  linearly to 0 over ``num_decay_iters``), ``window_substeps``, ``scale`` (the loss is scale · ½ · MSE); the teacher's
   ``guidance`` (a GMFlow teacher: probabilistic guidance w̃ with projection ``orthogonal``; a
   flow-matching teacher, ``loss.objective='l2'``: the CFG scale, 0 or 1 for none) applied where the
   noise level σ = τ/1000 lies in ``guidance_interval`` (the authors' ImageNet recipe: (0, 0.6)).
@@ -382,7 +378,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         c.grad_accum_steps,
     )
     _need(isinstance(c.mesh, tuple | list) and len(c.mesh) == 2, "mesh", "a tuple (data, fsdp) of ints", c.mesh)
-    _need(isinstance(c.windowed_einsum, bool), "windowed_einsum", "a bool", c.windowed_einsum)
     _need(isinstance(c.init_from, str), "init_from", "a path string ('' for none)", c.init_from)
 
     ds = c.data.dataset

@@ -143,20 +143,20 @@ def test_no_renewal_written_with_less_than_a_quarter_lease_left(tmp_path, monkey
 
 def test_unreadable_lock_is_retried_within_the_lease_then_lost(tmp_path):
     lock = tmp_path / LOCK_FILE
-    held = WorkdirLock(str(tmp_path), 1.0)
+    held = WorkdirLock(str(tmp_path), 3.0)  # the waits below are fractions of it: 3 s leaves room for a loaded host
     held.acquire()
     mine = lock.read_text()
     lock.unlink()
     lock.mkdir()  # reading it fails (as storage that cannot be reached)
-    time.sleep(0.3)
+    time.sleep(0.9)
     assert held.holds() is None and held.lost is None  # not known: not lost yet
     lock.rmdir()
     lock.write_text(mine)  # readable again within the lease
-    time.sleep(0.3)
+    time.sleep(0.9)
     assert held.holds() is True and json.loads(lock.read_text())["beat"] > json.loads(mine)["beat"]  # renewed again
     lock.unlink()
     lock.mkdir()
-    time.sleep(1.3)  # a whole lease without a successful read
+    time.sleep(3.3)  # a whole lease without a successful read
     assert held.holds() is False and re.search(r"ran out: .*\(it could not be read: IsADirectoryError", held.lost)
     held.release()
     assert lock.is_dir()
