@@ -228,16 +228,17 @@ def compile_train_step(config: Any, devices: Sequence[Any]) -> StepReport:
 
 
 def _patch_embedding_rows(jaxpr: Any, kernel_shape: tuple[int, ...]) -> int:
-    """Rows multiplied by the patch-embedding kernel in ``jaxpr`` (loop bodies once): each network
-    evaluation does this product exactly once, over (batch · tokens) rows."""
+    """Rows multiplied by the patch-embedding kernel in ``jaxpr`` (loop bodies once, the largest branch of a
+    ``cond``, e.g. ``models.dense``'s per-platform products): each network evaluation does this product exactly
+    once, over (batch · tokens) rows."""
     rows = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general" and tuple(eqn.invars[1].aval.shape) == kernel_shape:
             rows += int(np.prod(eqn.invars[0].aval.shape[:-1]))
         for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                rows += _patch_embedding_rows(inner, kernel_shape)
+            branches = value if isinstance(value, tuple | list) else (value,)
+            inner = [getattr(b, "jaxpr", b) for b in branches]
+            rows += max((_patch_embedding_rows(j, kernel_shape) for j in inner if hasattr(j, "eqns")), default=0)
     return rows
 
 

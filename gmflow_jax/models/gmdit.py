@@ -35,6 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from gmflow_jax.flow import TAU_SCALE
 from gmflow_jax.gm import GM
+from gmflow_jax.models import dense
 
 Array = jax.Array
 
@@ -67,14 +68,17 @@ def _linear(
     eager_sharding: bool | None,
     rngs: nnx.Rngs,
     zero: bool = False,
+    dot_general=None,
 ) -> nnx.Linear:
-    """Linear with float32 params: xavier-uniform (or zero) kernel (in, out), zero bias."""
+    """Linear with float32 params: xavier-uniform (or zero) kernel (in, out), zero bias; its product is
+    ``dot_general`` (default ``dense.dot_general``: autodiff's everywhere but in the CPU's backward pass)."""
     kernel_init = nnx.initializers.zeros_init() if zero else nnx.initializers.xavier_uniform()
     return nnx.Linear(
         in_features,
         out_features,
         dtype=dtype,
         param_dtype=jnp.float32,
+        dot_general=dense.dot_general if dot_general is None else dot_general,
         kernel_init=nnx.with_partitioning(kernel_init, axes, eager_sharding=eager_sharding),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), axes[1:], eager_sharding=eager_sharding),
         rngs=rngs,
@@ -220,7 +224,9 @@ class DiTBlock(nnx.Module):
         self.adaln = _linear(dim, 6 * dim, ("embed", "mlp"), zero=True, **kw)
         self.attn = Attention(dim, num_heads, implementation=attention_impl, **kw)
         self.fc1 = _linear(dim, hidden, ("embed", "mlp"), **kw)
-        self.fc2 = _linear(hidden, dim, ("mlp", "embed"), **kw)
+        # fc2's input is the GELU, which XLA:CPU would recompute inside dense.dot_general's transpose at more
+        # cost than the faster product saves (docs/performance.md §4): autodiff's backward
+        self.fc2 = _linear(hidden, dim, ("mlp", "embed"), dot_general=jax.lax.dot_general, **kw)
 
     def __call__(self, x: Array, c: Array) -> Array:
         mod = self.adaln(nnx.silu(c)).astype(jnp.float32)

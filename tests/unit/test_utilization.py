@@ -18,7 +18,8 @@ from gmflow_jax.utilization import CHIPS, ThroughputMeter, chip_for, gmdit_forwa
 
 
 def traced_matmul_flops(jaxpr) -> int:
-    """2·K·(output elements) summed over the dot_generals of a jaxpr and its sub-jaxprs."""
+    """2·K·(output elements) summed over the dot_generals of a jaxpr and its sub-jaxprs (of a ``cond``, the
+    largest branch: ``models.dense`` gives each Dense product a CPU branch and a default one)."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -26,9 +27,8 @@ def traced_matmul_flops(jaxpr) -> int:
             lhs = eqn.invars[0].aval.shape
             total += 2 * int(np.prod([lhs[i] for i in contract_lhs])) * int(np.prod(eqn.outvars[0].aval.shape))
         for value in eqn.params.values():
-            inner = getattr(value, "jaxpr", value)
-            if hasattr(inner, "eqns"):
-                total += traced_matmul_flops(inner)
+            branches = [getattr(b, "jaxpr", b) for b in (value if isinstance(value, tuple | list) else (value,))]
+            total += max((traced_matmul_flops(j) for j in branches if hasattr(j, "eqns")), default=0)
     return total
 
 
