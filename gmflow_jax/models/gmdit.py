@@ -225,7 +225,7 @@ class DiTBlock(nnx.Module):
         self.attn = Attention(dim, num_heads, implementation=attention_impl, **kw)
         self.fc1 = _linear(dim, hidden, ("embed", "mlp"), **kw)
         # fc2's input is the GELU, which XLA:CPU would recompute inside dense.dot_general's transpose at more
-        # cost than the faster product saves (docs/performance.md §4): autodiff's backward
+        # cost than the faster product saves (docs/performance.md §10): autodiff's backward
         self.fc2 = _linear(hidden, dim, ("mlp", "embed"), dot_general=jax.lax.dot_general, **kw)
 
     def __call__(self, x: Array, c: Array) -> Array:
